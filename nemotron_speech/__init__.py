@@ -1,0 +1,1 @@
+"""nemotron_speech."""
