@@ -1,1 +1,1 @@
-"""nemotron_speech."""
+"""The `nemotron-speech` command line."""

@@ -1,0 +1,136 @@
+"""The ASR backend seam: what a speech recognition engine implements to serve StreamingRecognize.
+
+A backend knows its model and nothing of gRPC. The servicer hands each stream's recognizer a queue
+of events (16 kHz float audio, finalize markers) and relays what it yields. The servicer owns the
+protocol: validation, resampling, odd bytes, the utterance cap, offsets, ids, de-duplication of
+interim results and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Self
+
+import numpy as np
+
+from services.asr.settings import AsrSettings
+from services.runtime.audio import FloatAudio
+from services.runtime.streams import StreamQueue
+
+
+class FinalizeKind(Enum):
+    """Why an utterance is being finalized (mirrors the FinalReason of the contract)."""
+
+    SOFT = "soft"  # answer with the current hypothesis; the utterance goes on
+    FINALIZE = "finalize"  # the client ended the utterance
+    MAX_DURATION = "max_duration"  # the server's utterance cap was reached
+    END_OF_STREAM = "end_of_stream"  # the client half-closed with audio pending
+
+
+@dataclass(frozen=True)
+class AudioEvent:
+    """Audio at the backend's sample rate, float32 mono in [-1, 1)."""
+
+    samples: FloatAudio
+
+
+@dataclass(frozen=True)
+class FinalizeEvent:
+    """End (or, if soft, sample) the current utterance; the backend answers it exactly once."""
+
+    utterance_id: str
+    kind: FinalizeKind
+    #: Position of the utterance in the stream's audio, in ms (set by the servicer).
+    start_ms: float = 0.0
+    end_ms: float = 0.0
+    received_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def soft(self) -> bool:
+        """True when the utterance goes on after the answer."""
+        return self.kind is FinalizeKind.SOFT
+
+
+RecognizerEvent = AudioEvent | FinalizeEvent
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """What a recognizer yields: an interim result, or the answer to a finalize.
+
+    Attributes:
+        text: The recognized text of the current utterance.
+        audio_ms: Milliseconds of the utterance's audio this text covers.
+        answers: The finalize this answers, or None for an interim result.
+        stability: Estimated probability that the text will not change (interim results).
+    """
+
+    text: str
+    audio_ms: float
+    answers: FinalizeEvent | None = None
+    stability: float = 0.0
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Per-stream options from the client's config, already validated."""
+
+    session_id: str
+    language: str
+    interim_results: bool
+
+
+class AsrBackend(ABC):
+    """A speech recognition engine.
+
+    Implement `recognize`; the rest has sensible defaults. Blocking inference must run off the
+    event loop (`asyncio.to_thread` or the backend's own executor).
+    """
+
+    #: Registry name, e.g. "whisper".
+    name: str = ""
+    #: Sample rate the model consumes; the servicer resamples client audio to it.
+    sample_rate_hz: int = 16000
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str:
+        """Name of the loaded model, reported in `ready`."""
+
+    @property
+    def languages(self) -> Sequence[str]:
+        """BCP-47 primary tags the model recognizes; the first is the default."""
+        return ("en",)
+
+    @classmethod
+    def from_settings(cls, settings: AsrSettings) -> Self:
+        """Build the backend from the server's settings; loading happens later, in `load`."""
+        return cls()
+
+    async def load(self) -> None:  # noqa: B027  (optional hook)
+        """Load and warm up the model (health reports NOT_SERVING until this returns)."""
+
+    async def aclose(self) -> None:  # noqa: B027  (optional hook)
+        """Release the model."""
+
+    @abstractmethod
+    def recognize(
+        self, options: StreamOptions, events: StreamQueue[RecognizerEvent]
+    ) -> AsyncGenerator[Hypothesis, None]:
+        """Recognize one stream: consume `events` until it ends, yielding hypotheses.
+
+        Contract: every FinalizeEvent is answered by exactly one Hypothesis with `answers` set to
+        it, in order; after a non-soft finalize the recognizer starts a fresh utterance. Interim
+        hypotheses (answers=None) may be yielded at any cadence and are only sent to the client
+        when it asked for them and their text changed. An utterance of silence is answered with
+        empty text. The generator is closed (aclose) when the call ends, possibly mid-decode.
+        """
+
+
+def silence(duration_s: float, sample_rate_hz: int) -> FloatAudio:
+    """A buffer of zeros, e.g. the right-context padding a streaming model needs at finalize."""
+    return np.zeros(round(duration_s * sample_rate_hz), dtype=np.float32)

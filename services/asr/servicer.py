@@ -1,0 +1,283 @@
+"""AsrService.StreamingRecognize: the protocol state machine in front of an `AsrBackend`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, common_pb2
+from services.asr.backend import (
+    AsrBackend,
+    AudioEvent,
+    FinalizeEvent,
+    FinalizeKind,
+    Hypothesis,
+    RecognizerEvent,
+    StreamOptions,
+)
+from services.asr.settings import AsrSettings
+from services.runtime.audio import FloatAudio, PcmAssembler, StreamResampler, duration_ms
+from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_errors
+from services.runtime.ids import check_client_id, new_id
+from services.runtime.languages import resolve_language
+from services.runtime.service import MeshService
+from services.runtime.streams import Duplex, StreamQueue
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+_ACCEPTED_ENCODINGS = (
+    common_pb2.AUDIO_ENCODING_UNSPECIFIED,
+    common_pb2.AUDIO_ENCODING_LINEAR16,
+)
+_FINAL_REASONS = {
+    FinalizeKind.FINALIZE: asr_pb2.FINAL_REASON_FINALIZE,
+    FinalizeKind.MAX_DURATION: asr_pb2.FINAL_REASON_MAX_DURATION,
+    FinalizeKind.END_OF_STREAM: asr_pb2.FINAL_REASON_END_OF_STREAM,
+}
+# Events between the request reader and the recognizer: ~1.3 s of 20 ms frames. When the model
+# falls further behind, the reader waits, and gRPC flow control slows the client down.
+_EVENT_QUEUE_SIZE = 64
+_RESPONSE_QUEUE_SIZE = 32
+
+Request = asr_pb2.StreamingRecognizeRequest
+Response = asr_pb2.StreamingRecognizeResponse
+
+
+class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
+    """Serves StreamingRecognize with one backend shared by all streams."""
+
+    service_name = asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name
+
+    def __init__(self, settings: AsrSettings, backend: AsrBackend) -> None:
+        super().__init__(settings)
+        self.asr_settings = settings
+        self.backend = backend
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the AsrService servicer to `server`."""
+        asr_pb2_grpc.add_AsrServiceServicer_to_server(self, server)
+
+    async def load(self) -> None:
+        """Load and warm up the backend."""
+        await self.backend.load()
+
+    async def aclose(self) -> None:
+        """Release the backend."""
+        await self.backend.aclose()
+
+    @rpc_errors
+    async def StreamingRecognize(
+        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Response]:
+        """Config, then audio and finalize requests -> ready, then transcripts."""
+        async with self.admit(), Duplex[Response](_RESPONSE_QUEUE_SIZE) as duplex:
+            requests = aiter(request_iterator)
+            first = await anext(requests, None)
+            if first is None:
+                return
+            options, input_rate = self._configure(first)
+            log.info(
+                "stream %s opened: %d Hz, language %s, interim %s",
+                options.session_id,
+                input_rate,
+                options.language,
+                options.interim_results,
+            )
+            yield Response(
+                ready=asr_pb2.RecognizerReady(
+                    session_id=options.session_id,
+                    model=self.backend.model_name,
+                    backend=self.backend.name,
+                    language=options.language,
+                )
+            )
+            events: StreamQueue[RecognizerEvent] = StreamQueue(_EVENT_QUEUE_SIZE)
+            reader = _RequestReader(self.asr_settings, self.backend.sample_rate_hz, input_rate)
+            duplex.spawn(reader.run(requests, events), name=f"{options.session_id}-reader")
+            duplex.spawn(
+                self._relay(options, events, duplex), name=f"{options.session_id}-recognizer"
+            )
+            try:
+                async for response in duplex.responses():
+                    yield response
+            finally:
+                log.info("stream %s closed", options.session_id)
+
+    def _configure(self, first: Request) -> tuple[StreamOptions, int]:
+        kind = first.WhichOneof("request")
+        if kind != "config":
+            raise FailedPrecondition(
+                f"the first request must be a config, got {kind or 'an empty request'}; "
+                "send RecognitionConfig before audio or finalize"
+            )
+        config = first.config
+        if config.sample_rate_hz not in SUPPORTED_SAMPLE_RATES:
+            raise InvalidArgument(
+                f"sample_rate_hz {config.sample_rate_hz} is not supported; use one of "
+                f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))}",
+                field="config.sample_rate_hz",
+            )
+        if config.encoding not in _ACCEPTED_ENCODINGS:
+            raise InvalidArgument("only LINEAR16 audio is accepted", field="config.encoding")
+        language = resolve_language(
+            config.language,
+            self.backend.languages,
+            self.backend.languages[0],
+            field="config.language",
+        )
+        options = StreamOptions(
+            session_id=new_id("asr"),
+            language=language,
+            interim_results=config.interim_results,
+        )
+        return options, config.sample_rate_hz
+
+    async def _relay(
+        self,
+        options: StreamOptions,
+        events: StreamQueue[RecognizerEvent],
+        duplex: Duplex[Response],
+    ) -> None:
+        """Run the backend's recognizer and turn its hypotheses into protocol responses."""
+        relay = _TranscriptRelay(options, self.settings.log_content)
+        recognizer = self.backend.recognize(options, events)
+        try:
+            async for hypothesis in recognizer:
+                response = relay.to_response(hypothesis)
+                if response is not None:
+                    await duplex.send(response)
+        finally:
+            await recognizer.aclose()
+        duplex.finish()
+
+
+@dataclass
+class _TranscriptRelay:
+    """Protocol rules on the way out: offsets, de-duplication, soft is never final."""
+
+    options: StreamOptions
+    log_content: bool
+    utterance_start_ms: float = 0.0
+    last_text: str | None = None
+
+    def to_response(self, hypothesis: Hypothesis) -> Response | None:
+        """The response for `hypothesis`, or None when nothing is to be sent."""
+        finalize = hypothesis.answers
+        if finalize is None:
+            if not self.options.interim_results or hypothesis.text == self.last_text:
+                return None
+            self.last_text = hypothesis.text
+            return Response(
+                transcript=asr_pb2.Transcript(
+                    text=hypothesis.text,
+                    is_final=False,
+                    audio_start_ms=round(self.utterance_start_ms),
+                    audio_end_ms=round(self.utterance_start_ms + hypothesis.audio_ms),
+                    stability=hypothesis.stability,
+                )
+            )
+        elapsed_ms = 1000.0 * (time.perf_counter() - finalize.received_at)
+        transcript = asr_pb2.Transcript(
+            text=hypothesis.text,
+            is_final=not finalize.soft,
+            soft=finalize.soft,
+            utterance_id=finalize.utterance_id,
+            audio_start_ms=round(finalize.start_ms),
+            audio_end_ms=round(finalize.end_ms),
+            stability=hypothesis.stability if finalize.soft else 1.0,
+            final_reason=_FINAL_REASONS.get(finalize.kind, asr_pb2.FINAL_REASON_UNSPECIFIED),
+            timing=common_pb2.Timing(ttfb_ms=elapsed_ms, total_ms=elapsed_ms),
+        )
+        if finalize.soft:
+            self.last_text = hypothesis.text
+        else:
+            self.utterance_start_ms = finalize.end_ms
+            self.last_text = None
+        log.info(
+            "stream %s: %s transcript for %r, %d chars%s, %.0f ms after finalize",
+            self.options.session_id,
+            "soft" if finalize.soft else "final",
+            finalize.utterance_id,
+            len(hypothesis.text),
+            f" {hypothesis.text!r}" if self.log_content else "",
+            elapsed_ms,
+        )
+        return Response(transcript=transcript)
+
+
+class _RequestReader:
+    """Validates requests after the config and turns them into recognizer events."""
+
+    def __init__(self, settings: AsrSettings, model_rate: int, input_rate: int) -> None:
+        self.model_rate = model_rate
+        self.max_utterance_samples = round(settings.max_utterance_s * model_rate)
+        self.assembler = PcmAssembler()
+        self.resampler = StreamResampler(input_rate, model_rate)
+        self.stream_samples = 0  # at the model rate, since the stream began
+        self.utterance_start = 0
+
+    async def run(
+        self, requests: AsyncIterator[Request], events: StreamQueue[RecognizerEvent]
+    ) -> None:
+        """Read until the client half-closes; then finalize pending audio and end the events."""
+        async for request in requests:
+            kind = request.WhichOneof("request")
+            if kind == "audio":
+                await self._audio(request.audio, events)
+            elif kind == "finalize":
+                utterance_id = check_client_id(
+                    request.finalize.utterance_id, "finalize.utterance_id"
+                )
+                soft = FinalizeKind.SOFT if request.finalize.soft else FinalizeKind.FINALIZE
+                await self._finalize(utterance_id, soft, events)
+            elif kind == "config":
+                raise FailedPrecondition(
+                    "config was already sent; send it once, as the first request"
+                )
+            else:
+                raise InvalidArgument(
+                    "request has no known field set (a newer client?); "
+                    "send config, audio or finalize",
+                    field="request",
+                )
+        if self.stream_samples > self.utterance_start:
+            await self._finalize("", FinalizeKind.END_OF_STREAM, events)
+        events.close()
+
+    async def _audio(self, data: bytes, events: StreamQueue[RecognizerEvent]) -> None:
+        samples = self.resampler.push(self.assembler.push(data))
+        while samples.size:
+            room = self.utterance_start + self.max_utterance_samples - self.stream_samples
+            head, samples = samples[:room], samples[room:]
+            await self._emit(head, events)
+            if self.stream_samples - self.utterance_start >= self.max_utterance_samples:
+                await self._finalize("", FinalizeKind.MAX_DURATION, events, flush=False)
+
+    async def _finalize(
+        self,
+        utterance_id: str,
+        kind: FinalizeKind,
+        events: StreamQueue[RecognizerEvent],
+        flush: bool = True,
+    ) -> None:
+        if kind is not FinalizeKind.SOFT and flush:
+            await self._emit(self.resampler.flush(), events)
+        event = FinalizeEvent(
+            utterance_id=utterance_id,
+            kind=kind,
+            start_ms=duration_ms(self.utterance_start, self.model_rate),
+            end_ms=duration_ms(self.stream_samples, self.model_rate),
+        )
+        await events.put(event)
+        if kind is not FinalizeKind.SOFT:
+            self.utterance_start = self.stream_samples
+
+    async def _emit(self, samples: FloatAudio, events: StreamQueue[RecognizerEvent]) -> None:
+        if samples.size:
+            self.stream_samples += samples.size
+            await events.put(AudioEvent(samples))

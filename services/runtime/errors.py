@@ -1,0 +1,171 @@
+"""Domain errors and the one place that turns them into gRPC statuses.
+
+Servicers and backends raise `ServiceError` subclasses; `rpc_errors` (a decorator for servicer
+methods) aborts the call with the error's status code, its message and, for field errors, a
+`google.rpc.BadRequest` detail naming the field. Anything unexpected becomes INTERNAL with a generic
+message and a logged traceback, so no internals leak to clients.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+# Codes a client may retry with backoff (see bots/ and loadtest/).
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
+class ServiceError(Exception):
+    """An error a client can act on, carried to it as a gRPC status.
+
+    Attributes:
+        code: The gRPC status code.
+        message: A sentence a person can act on.
+        field: The request field at fault, if any (sent as a BadRequest field violation).
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a client may retry the same call after a backoff."""
+        return self.code in RETRYABLE_CODES
+
+    def to_status(self) -> grpc.Status:
+        """The rich status (code, message, details) for `context.abort_with_status`."""
+        status = status_pb2.Status(code=_google_code(self.code), message=self.message)
+        if self.field:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=self.field, description=self.message
+            )
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+            status.details.append(detail)
+        return rpc_status.to_status(status)
+
+
+class InvalidArgument(ServiceError):
+    """A request field has a value the server cannot accept."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPrecondition(ServiceError):
+    """The request is valid but not in the stream's current state (e.g. audio before config)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServiceError):
+    """A limit was reached (streams, queue depth, utterance length); retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    """The model or an upstream server is not ready or cannot be reached; retry later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    """A bounded wait ran out."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(ServiceError):
+    """A server fault; the message stays generic."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def _google_code(code: grpc.StatusCode) -> int:
+    value = code.value[0]
+    assert isinstance(value, int)
+    return value
+
+
+_GENERIC_INTERNAL = "internal error; the server logged the details"
+
+Method = TypeVar("Method", bound=Callable[..., AsyncIterator[Any]])
+
+
+async def abort_for(context: grpc.aio.ServicerContext, err: Exception, where: str) -> None:
+    """End the call for `err`: its own status for a ServiceError, a generic INTERNAL otherwise."""
+    if isinstance(err, ServiceError):
+        log.info("rpc ended with %s: %s", err.code.name, err.message)
+        await context.abort_with_status(err.to_status())
+    log.error("unexpected error in %s", where, exc_info=err)
+    await context.abort(grpc.StatusCode.INTERNAL, _GENERIC_INTERNAL)
+
+
+def rpc_errors(method: Method) -> Method:
+    """Wrap a streaming servicer method so that errors end the call with the right status.
+
+    `ServiceError` aborts with its own status. `asyncio.CancelledError` (client gone, server
+    stopping) propagates untouched, as does an abort already under way. Any other exception is
+    logged with its traceback and becomes INTERNAL.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await abort_for(context, err, method.__qualname__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def unary_rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The unary counterpart of `rpc_errors`."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await abort_for(context, err, method.__qualname__)
+
+    return wrapper
+
+
+__all__ = [
+    "RETRYABLE_CODES",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "ResourceExhausted",
+    "ServiceError",
+    "Unavailable",
+    "abort_for",
+    "rpc_errors",
+    "unary_rpc_errors",
+]

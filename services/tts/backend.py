@@ -1,0 +1,85 @@
+"""The TTS backend seam: what a speech synthesis engine implements to serve Synthesize.
+
+A backend knows its voices and model and nothing of gRPC. The servicer owns the protocol: stream
+and segment ids, ordering, normalisation and splitting of text, resampling to the requested rate,
+cancellation (by closing the backend's generator), and timings.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Self
+
+from services.runtime.audio import FloatAudio
+from services.tts.settings import TtsSettings
+
+
+class SynthesisMode(Enum):
+    """STREAM: audio as soon as the model makes it. BATCH: the segment's audio in one piece."""
+
+    STREAM = "stream"
+    BATCH = "batch"
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A voice a backend offers."""
+
+    name: str
+    languages: tuple[str, ...]
+    sample_rate_hz: int
+
+
+@dataclass(frozen=True)
+class SynthesisJob:
+    """One piece of normalised text to speak (a sentence or clause of a segment)."""
+
+    text: str
+    voice: Voice
+    language: str
+    mode: SynthesisMode
+
+
+class TtsBackend(ABC):
+    """A speech synthesis engine.
+
+    Implement `voices`, `model_name` and `synthesize`. Blocking inference must run off the event
+    loop. Several streams call `synthesize` concurrently: keep no per-stream state on the backend.
+    """
+
+    #: Registry name, e.g. "piper".
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str:
+        """Name of the loaded model, reported in `stream_created`."""
+
+    @property
+    @abstractmethod
+    def voices(self) -> Sequence[Voice]:
+        """The voices offered; the first is the default."""
+
+    @classmethod
+    def from_settings(cls, settings: TtsSettings) -> Self:
+        """Build the backend from the server's settings; loading happens later, in `load`."""
+        return cls()
+
+    async def load(self) -> None:  # noqa: B027  (optional hook)
+        """Load and warm up the model (health reports NOT_SERVING until this returns)."""
+
+    async def aclose(self) -> None:  # noqa: B027  (optional hook)
+        """Release the model."""
+
+    @abstractmethod
+    def synthesize(self, job: SynthesisJob) -> AsyncGenerator[FloatAudio, None]:
+        """Speak `job.text`, yielding float32 mono audio at `job.voice.sample_rate_hz`.
+
+        In STREAM mode yield audio as soon as it exists (the first chunk decides the time to first
+        byte); in BATCH mode the segment may be yielded in one piece. The servicer closes the
+        generator (aclose) to cancel: stop work at the next frame boundary and free what the
+        synthesis holds.
+        """

@@ -1,0 +1,254 @@
+"""One Synthesize call: its streams, segment queue, cancel and close semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nemotron.speech.v1 import common_pb2, tts_pb2
+from services.runtime.audio import StreamResampler, duration_ms, float_to_pcm16
+from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.runtime.ids import check_client_id, new_id
+from services.runtime.streams import Duplex, cancel_and_wait
+from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
+from services.tts.settings import TtsSettings
+from services.tts.text import normalize, split_for_synthesis
+
+log = logging.getLogger(__name__)
+
+Request = tts_pb2.SynthesizeRequest
+Response = tts_pb2.SynthesizeResponse
+
+# Audio messages carry at most this much audio, so a long BATCH segment is still sent in
+# bounded messages and a cancel can drop what has not gone out yet.
+_MAX_CHUNK_MS = 500
+_MODES = {
+    tts_pb2.SYNTHESIS_MODE_UNSPECIFIED: SynthesisMode.STREAM,
+    tts_pb2.SYNTHESIS_MODE_STREAM: SynthesisMode.STREAM,
+    tts_pb2.SYNTHESIS_MODE_BATCH: SynthesisMode.BATCH,
+}
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """The validated config of one call."""
+
+    voice: Voice
+    language: str
+    sample_rate_hz: int
+
+
+@dataclass
+class _Segment:
+    stream_id: str
+    segment_id: str
+    pieces: list[str]
+    mode: SynthesisMode
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+class SynthesisSession:
+    """The reader and the speaking worker of one call, sharing its state on the event loop."""
+
+    def __init__(
+        self,
+        backend: TtsBackend,
+        settings: TtsSettings,
+        config: CallConfig,
+        duplex: Duplex[Response],
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.config = config
+        self.duplex = duplex
+        self.stream_id: str | None = None
+        self.stream_audio_ms = 0.0
+        self.queue: deque[_Segment] = deque()
+        self.wake = asyncio.Event()
+        self.closing = False
+        self.speaking: asyncio.Task[None] | None = None
+
+    # ---- reader -------------------------------------------------------------------------------
+
+    async def read(self, requests: AsyncIterator[Request]) -> None:
+        """Apply requests in order; `close` or the client's half-close ends the reading."""
+        async for request in requests:
+            kind = request.WhichOneof("request")
+            if kind == "text":
+                await self._enqueue(request.text)
+            elif kind == "cancel":
+                await self._cancel()
+            elif kind == "close":
+                break
+            elif kind == "config":
+                raise FailedPrecondition(
+                    "config was already sent; send it once, as the first request"
+                )
+            else:
+                raise InvalidArgument(
+                    "request has no known field set (a newer client?); "
+                    "send config, text, close or cancel",
+                    field="request",
+                )
+        self.closing = True
+        self.wake.set()
+
+    async def _enqueue(self, segment: tts_pb2.TextSegment) -> None:
+        segment_id = check_client_id(segment.segment_id, "text.segment_id")
+        if len(segment.text) > self.settings.max_text_chars:
+            raise InvalidArgument(
+                f"text is {len(segment.text)} characters; at most "
+                f"{self.settings.max_text_chars} per segment (split it, or raise "
+                "--max-text-chars)",
+                field="text.text",
+            )
+        if segment.mode not in _MODES:
+            raise InvalidArgument(f"unknown synthesis mode {segment.mode}", field="text.mode")
+        if len(self.queue) >= self.settings.max_queued_segments:
+            raise ResourceExhausted(
+                f"{len(self.queue)} segments are already queued on this call; wait for "
+                "segment_complete before sending more"
+            )
+        if self.stream_id is None:
+            await self._open_stream()
+        assert self.stream_id is not None
+        pieces = split_for_synthesis(normalize(segment.text), self.settings.synthesis_chunk_chars)
+        self.queue.append(_Segment(self.stream_id, segment_id, pieces, _MODES[segment.mode]))
+        self.wake.set()
+
+    async def _open_stream(self) -> None:
+        self.stream_id = new_id("tts")
+        self.stream_audio_ms = 0.0
+        await self.duplex.send(
+            Response(
+                stream_created=tts_pb2.StreamCreated(
+                    stream_id=self.stream_id,
+                    sample_rate_hz=self.config.sample_rate_hz,
+                    encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
+                    voice=self.config.voice.name,
+                    language=self.config.language,
+                    model=self.backend.model_name,
+                    backend=self.backend.name,
+                )
+            )
+        )
+
+    async def _cancel(self) -> None:
+        cancelled_id = self.stream_id or ""
+        in_flight = self.speaking is not None and not self.speaking.done()
+        dropped = len(self.queue) + int(in_flight)
+        self.queue.clear()
+        await cancel_and_wait(self.speaking)
+        # Audio of this stream that was produced but not yet sent is dropped too.
+        self.duplex.outbox.discard(lambda response: _stream_of(response) == cancelled_id)
+        self.stream_id = None
+        await self.duplex.send(
+            Response(
+                cancelled=tts_pb2.StreamCancelled(stream_id=cancelled_id, dropped_segments=dropped)
+            )
+        )
+        log.info("stream %s cancelled; %d segments dropped", cancelled_id or "-", dropped)
+
+    # ---- worker -------------------------------------------------------------------------------
+
+    async def speak(self) -> None:
+        """Speak queued segments in order; after `close`, send `done` and end the call."""
+        try:
+            while True:
+                while not self.queue:
+                    if self.closing:
+                        await self._done()
+                        return
+                    self.wake.clear()
+                    await self.wake.wait()
+                segment = self.queue.popleft()
+                self.speaking = asyncio.create_task(self._speak(segment))
+                await asyncio.wait({self.speaking})
+                if not self.speaking.cancelled() and self.speaking.exception() is not None:
+                    raise self.speaking.exception()  # type: ignore[misc]
+        finally:
+            await cancel_and_wait(self.speaking)
+
+    async def _done(self) -> None:
+        await self.duplex.send(
+            Response(
+                done=tts_pb2.StreamDone(
+                    stream_id=self.stream_id or "", total_audio_ms=self.stream_audio_ms
+                )
+            )
+        )
+        self.duplex.finish()
+
+    async def _speak(self, segment: _Segment) -> None:
+        rate = self.config.sample_rate_hz
+        resampler = StreamResampler(self.config.voice.sample_rate_hz, rate)
+        max_samples = rate * _MAX_CHUNK_MS // 1000
+        sent = _SentAudio()
+        for piece in segment.pieces:
+            job = SynthesisJob(piece, self.config.voice, self.config.language, segment.mode)
+            audio = self.backend.synthesize(job)
+            try:
+                async for samples in audio:
+                    await self._send_audio(segment, resampler.push(samples), max_samples, sent)
+            finally:
+                await audio.aclose()
+        await self._send_audio(segment, resampler.flush(), max_samples, sent)
+        audio_ms = duration_ms(sent.samples, rate)
+        self.stream_audio_ms += audio_ms
+        now = time.perf_counter()
+        first = sent.first_at if sent.first_at is not None else now
+        await self.duplex.send(
+            Response(
+                segment_complete=tts_pb2.SegmentComplete(
+                    stream_id=segment.stream_id,
+                    segment_id=segment.segment_id,
+                    audio_ms=audio_ms,
+                    timing=common_pb2.Timing(
+                        ttfb_ms=1000 * (first - segment.received_at),
+                        total_ms=1000 * (now - segment.received_at),
+                    ),
+                )
+            )
+        )
+
+    async def _send_audio(
+        self, segment: _Segment, samples: np.ndarray, max_samples: int, sent: _SentAudio
+    ) -> None:
+        for start in range(0, samples.size, max_samples):
+            piece = samples[start : start + max_samples]
+            await self.duplex.send(
+                Response(
+                    audio=tts_pb2.AudioChunk(
+                        stream_id=segment.stream_id,
+                        segment_id=segment.segment_id,
+                        audio=float_to_pcm16(piece),
+                        sequence=sent.chunks,
+                    )
+                )
+            )
+            if sent.first_at is None:
+                sent.first_at = time.perf_counter()
+            sent.chunks += 1
+            sent.samples += piece.size
+
+
+@dataclass
+class _SentAudio:
+    chunks: int = 0
+    samples: int = 0
+    first_at: float | None = None
+
+
+def _stream_of(response: Response) -> str | None:
+    kind = response.WhichOneof("response")
+    if kind == "audio":
+        return response.audio.stream_id
+    if kind == "segment_complete":
+        return response.segment_complete.stream_id
+    return None

@@ -1,0 +1,169 @@
+"""Test doubles of the three backend seams: deterministic, instant, and observable.
+
+They let contract tests drive the servicers through real gRPC without model weights. None of them
+is a product backend: they live here, in tests/, and are named as doubles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+
+from services.asr.backend import (
+    AsrBackend,
+    AudioEvent,
+    FinalizeEvent,
+    Hypothesis,
+    RecognizerEvent,
+    StreamOptions,
+)
+from services.llm.backend import FinishReason, GenerationRequest, GenerationStats, LlmBackend
+from services.runtime.audio import FloatAudio
+from services.runtime.streams import StreamQueue
+from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
+
+
+class LoadGate:
+    """Lets a test hold a backend in `load` to observe the server while the model loads."""
+
+    def __init__(self, open_at_start: bool = True) -> None:
+        self.event = asyncio.Event()
+        if open_at_start:
+            self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+class CountingAsrBackendDouble(AsrBackend):
+    """Transcribes audio as one word "tick" per 100 ms of non-silent audio.
+
+    Enough to check offsets, interim de-duplication, finalize answers and resampling exactly.
+    """
+
+    name = "double"
+
+    def __init__(self, gate: LoadGate | None = None) -> None:
+        self.gate = gate or LoadGate()
+        self.open_streams = 0
+        self.closed_streams = 0
+        self.samples_seen = 0
+
+    @property
+    def model_name(self) -> str:
+        return "counting-double"
+
+    @property
+    def languages(self) -> Sequence[str]:
+        return ("en", "de")
+
+    async def load(self) -> None:
+        await self.gate.wait()
+
+    async def recognize(
+        self, options: StreamOptions, events: StreamQueue[RecognizerEvent]
+    ) -> AsyncIterator[Hypothesis]:
+        self.open_streams += 1
+        voiced = 0
+        total = 0
+        try:
+            async for event in events:
+                if isinstance(event, AudioEvent):
+                    self.samples_seen += event.samples.size
+                    total += event.samples.size
+                    if float(np.sqrt(np.mean(event.samples**2))) > 0.01:
+                        voiced += event.samples.size
+                    yield Hypothesis(self._text(voiced), 1000 * total / 16000, stability=0.5)
+                else:
+                    assert isinstance(event, FinalizeEvent)
+                    yield Hypothesis(self._text(voiced), 1000 * total / 16000, answers=event)
+                    if not event.soft:
+                        voiced = total = 0
+        finally:
+            self.closed_streams += 1
+
+    @staticmethod
+    def _text(voiced_samples: int) -> str:
+        return " ".join(["tick"] * (voiced_samples // 1600))
+
+
+TONE_VOICE = Voice("tone", ("en",), 16000)
+LOW_TONE_VOICE = Voice("low-tone", ("en", "de"), 22050)
+
+
+class ToneTtsBackendDouble(TtsBackend):
+    """Speaks 100 ms of a sine tone per word, one chunk per word, `word_delay_s` apart."""
+
+    name = "double"
+
+    def __init__(self, word_delay_s: float = 0.0) -> None:
+        self.word_delay_s = word_delay_s
+        self.jobs: list[SynthesisJob] = []
+        self.active = 0
+        self.closed = 0
+
+    @property
+    def model_name(self) -> str:
+        return "tone-double"
+
+    @property
+    def voices(self) -> Sequence[Voice]:
+        return (TONE_VOICE, LOW_TONE_VOICE)
+
+    async def synthesize(self, job: SynthesisJob) -> AsyncIterator[FloatAudio]:
+        self.jobs.append(job)
+        self.active += 1
+        try:
+            rate = job.voice.sample_rate_hz
+            words = job.text.split()
+            t = np.arange(rate // 10, dtype=np.float32) / rate
+            word = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            if job.mode is SynthesisMode.BATCH:
+                await asyncio.sleep(self.word_delay_s * len(words))
+                if words:
+                    yield np.concatenate([word] * len(words))
+                return
+            for _ in words:
+                await asyncio.sleep(self.word_delay_s)
+                yield word
+        finally:
+            self.active -= 1
+            self.closed += 1
+
+
+class ScriptedLlmBackendDouble(LlmBackend):
+    """Answers every request with `reply`, one whitespace-led word per token."""
+
+    name = "double"
+
+    def __init__(self, reply: str, token_delay_s: float = 0.0) -> None:
+        self.reply = reply
+        self.token_delay_s = token_delay_s
+        self.tokens_generated = 0
+        self.requests: list[GenerationRequest] = []
+        self.closed = 0
+
+    @property
+    def model_name(self) -> str:
+        return "scripted-double"
+
+    async def generate(
+        self, request: GenerationRequest, stats: GenerationStats
+    ) -> AsyncIterator[str]:
+        self.requests.append(request)
+        stats.prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        words = self.reply.split(" ")
+        tokens = [words[0]] + [" " + w for w in words[1:]]
+        try:
+            for index, token in enumerate(tokens):
+                if index >= request.sampling.max_tokens:
+                    stats.finish_reason = FinishReason.LENGTH
+                    return
+                await asyncio.sleep(self.token_delay_s)
+                self.tokens_generated += 1
+                stats.token_generated()
+                yield token
+        finally:
+            self.closed += 1

@@ -1,0 +1,213 @@
+"""LlmService.GenerateChunks over real gRPC, with a scripted test-double backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from nemotron.speech.v1 import llm_pb2
+from tests.conftest import REPLY
+from tests.helpers import field_violation, read_all, read_rest
+
+Req = llm_pb2.GenerateChunksRequest
+
+
+def start(
+    messages: list[tuple[str, str]] | None = None,
+    wait: bool = False,
+    sampling: llm_pb2.SamplingParams | None = None,
+    chunking: llm_pb2.ChunkingPolicy | None = None,
+) -> Req:
+    policy = chunking or llm_pb2.ChunkingPolicy()
+    policy.wait_for_continue = wait
+    return Req(
+        start=llm_pb2.StartGeneration(
+            request_id="r1",
+            messages=[
+                llm_pb2.ChatMessage(role=role, content=content)
+                for role, content in (
+                    messages if messages is not None else [("system", "Be brief."), ("user", "Hi?")]
+                )
+            ],
+            sampling=sampling,
+            chunking=policy,
+        )
+    )
+
+
+def cont(index: int) -> Req:
+    return Req(continue_generation=llm_pb2.ContinueGeneration(chunk_index=index))
+
+
+CANCEL = Req(cancel=llm_pb2.CancelGeneration())
+
+
+async def test_chunks_concatenate_to_the_answer_then_done(llm_stub):
+    responses = await read_all(llm_stub.GenerateChunks(iter([start()])))
+    chunks = [r.chunk for r in responses[:-1]]
+    done = responses[-1].done
+    assert "".join(c.text for c in chunks) == REPLY
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    # "Sure, I can help with that today." is 7 tokens, under the first chunk minimum of 10.
+    assert (
+        chunks[0].text
+        == "Sure, I can help with that today. The weather in Paris is mild, around 18 degrees. "
+    )
+    assert all(c.ends_sentence for c in chunks)
+    assert done.finish_reason == llm_pb2.FINISH_REASON_STOP
+    assert done.usage.completion_tokens == sum(c.token_count for c in chunks) == len(REPLY.split())
+    assert done.usage.prompt_tokens == 3
+    assert done.chunk_count == len(chunks)
+    assert 0 <= done.timing.ttfb_ms <= done.timing.total_ms
+
+
+async def test_wait_for_continue_holds_generation_until_released(llm_stub, llm_backend):
+    call = llm_stub.GenerateChunks()
+    await call.write(start(wait=True))
+    first = (await call.read()).chunk
+    await asyncio.sleep(0.1)
+    # One token of look-ahead decides where the chunk ends; nothing more is generated.
+    assert llm_backend.tokens_generated == first.token_count + 1
+    await call.write(cont(0))
+    second = (await call.read()).chunk
+    assert second.index == 1
+    await asyncio.sleep(0.1)
+    assert llm_backend.tokens_generated == first.token_count + second.token_count + 1
+    await call.done_writing()  # no more continues can come: the rest is released
+    rest = await read_rest(call)
+    assert rest[-1].done.finish_reason == llm_pb2.FINISH_REASON_STOP
+
+
+async def test_cancel_stops_generation_and_ends_with_done(llm_stub, llm_backend):
+    llm_backend.token_delay_s = 0.02
+    call = llm_stub.GenerateChunks()
+    await call.write(start(wait=True))
+    await call.read()
+    await call.write(CANCEL)
+    rest = await read_rest(call)
+    assert [r.WhichOneof("response") for r in rest] == ["done"]
+    assert rest[0].done.finish_reason == llm_pb2.FINISH_REASON_CANCELLED
+    assert llm_backend.closed == 1
+    # The next request right after a cancel works.
+    llm_backend.token_delay_s = 0.0
+    responses = await read_all(llm_stub.GenerateChunks(iter([start()])))
+    assert responses[-1].done.finish_reason == llm_pb2.FINISH_REASON_STOP
+
+
+async def test_cancelling_the_rpc_frees_the_sequence(llm_server, llm_stub, llm_backend):
+    llm_backend.token_delay_s = 0.05
+    call = llm_stub.GenerateChunks()
+    await call.write(start())
+    await call.read()
+    call.cancel()
+    for _ in range(100):
+        if llm_backend.closed and llm_server.service.limiter.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert llm_backend.closed == 1
+    assert llm_server.service.limiter.active == 0
+
+
+async def test_max_tokens_ends_with_length(llm_stub):
+    responses = await read_all(
+        llm_stub.GenerateChunks(iter([start(sampling=llm_pb2.SamplingParams(max_tokens=5))]))
+    )
+    done = responses[-1].done
+    assert done.finish_reason == llm_pb2.FINISH_REASON_LENGTH
+    assert done.usage.completion_tokens == 5
+    assert "".join(r.chunk.text for r in responses[:-1]) == "Sure, I can help with"
+
+
+async def test_continue_for_an_unsent_chunk_is_refused(llm_stub):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_all(llm_stub.GenerateChunks(iter([start(wait=True), cont(7)])))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(
+    ("requests", "code", "field"),
+    [
+        ([cont(0)], grpc.StatusCode.FAILED_PRECONDITION, None),
+        ([CANCEL], grpc.StatusCode.FAILED_PRECONDITION, None),
+        ([Req()], grpc.StatusCode.FAILED_PRECONDITION, None),
+        ([start(wait=True), start()], grpc.StatusCode.FAILED_PRECONDITION, None),
+        ([start(wait=True), Req()], grpc.StatusCode.INVALID_ARGUMENT, "request"),
+        ([start(messages=[])], grpc.StatusCode.INVALID_ARGUMENT, "start.messages"),
+        (
+            [start(messages=[("wizard", "hi")])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.messages[0].role",
+        ),
+        (
+            [start(messages=[("user", "  ")])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.messages[0].content",
+        ),
+        (
+            [start(messages=[("user", "x" * 200_001)])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.messages",
+        ),
+        (
+            [start(sampling=llm_pb2.SamplingParams(temperature=9))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.sampling.temperature",
+        ),
+        (
+            [start(sampling=llm_pb2.SamplingParams(temperature=float("nan")))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.sampling.temperature",
+        ),
+        (
+            [start(sampling=llm_pb2.SamplingParams(top_p=0))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.sampling.top_p",
+        ),
+        (
+            [start(sampling=llm_pb2.SamplingParams(max_tokens=0))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.sampling.max_tokens",
+        ),
+        (
+            [start(sampling=llm_pb2.SamplingParams(stop=["a"] * 9))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.sampling.stop",
+        ),
+        (
+            [
+                start(
+                    chunking=llm_pb2.ChunkingPolicy(
+                        first_chunk_min_tokens=30, first_chunk_max_tokens=20
+                    )
+                )
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.chunking.first_chunk_max_tokens",
+        ),
+    ],
+    ids=[
+        "continue-first",
+        "cancel-first",
+        "empty-first",
+        "second-start",
+        "empty-request",
+        "no-messages",
+        "unknown-role",
+        "empty-content",
+        "huge-text",
+        "temperature",
+        "nan",
+        "top-p",
+        "max-tokens",
+        "stop",
+        "chunk-bounds",
+    ],
+)
+async def test_bad_input_gets_the_right_status(llm_stub, requests, code, field):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_all(llm_stub.GenerateChunks(iter(requests)))
+    assert caught.value.code() == code
+    assert caught.value.details()
+    assert field_violation(caught.value) == field
