@@ -1,10 +1,17 @@
-"""`nemotron-speech`: one command for the servers and, as they land, bots and tools."""
+"""`nemotron-speech`: one command for the servers, the stack and, as they land, bots and tools."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 from collections.abc import Sequence
 
+from nemotron_speech.probe import format_table, probe_all
+from nemotron_speech.stack import STAGES, add_stack_parser, run_stack
+from nemotron_speech.supervisor import Supervisor, serve_argv
+from nemotron_speech.targets import target_of
 from services.serve import add_serve_parser, run_serve
 
 
@@ -16,6 +23,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
+    serve_all = subparsers.add_parser(
+        "serve-all", help="run several servers as child processes (the GPU container's command)"
+    )
+    serve_all.add_argument(
+        "stages",
+        nargs="*",
+        metavar="STAGE",
+        help="asr, tts and/or llm (default: $NEMOTRON_STAGES, else all three)",
+    )
+    serve_all.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds the models get to load before giving up",
+    )
+    health = subparsers.add_parser(
+        "health", help="exit 0 when the named servers report SERVING (for healthchecks)"
+    )
+    health.add_argument(
+        "stages",
+        nargs="*",
+        metavar="STAGE",
+        help="asr, tts and/or llm (default: $NEMOTRON_STAGES, else all three)",
+    )
+    health.add_argument("--host", default="127.0.0.1")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds per server")
+    health.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    add_stack_parser(subparsers)
     return parser
 
 
@@ -24,4 +59,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "serve-all":
+        return asyncio.run(_serve_all(_stages(args.stages), args.ready_timeout))
+    if args.command == "health":
+        return asyncio.run(_health(_stages(args.stages), args.host, args.timeout, args.quiet))
+    if args.command == "stack":
+        return run_stack(args)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _stages(given: list[str]) -> list[str]:
+    stages = given or os.environ.get("NEMOTRON_STAGES", "").split() or list(STAGES)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stage(s): {', '.join(sorted(unknown))}; use asr, tts, llm")
+    return stages
+
+
+async def _health(stages: list[str], host: str, timeout_s: float, quiet: bool) -> int:
+    statuses = await probe_all({s: target_of(s, host) for s in stages}, timeout_s)
+    if not quiet:
+        print(format_table(statuses))
+    return 0 if all(s.serving for s in statuses) else 1
+
+
+async def _serve_all(stages: list[str], ready_timeout_s: float) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
+    supervisor = Supervisor()
+    try:
+        for stage in stages:
+            await supervisor.start(stage, serve_argv(stage))
+        await supervisor.wait_serving({s: target_of(s) for s in stages}, ready_timeout_s)
+    except (RuntimeError, TimeoutError) as err:
+        logging.getLogger(__name__).error("%s", err)
+        await supervisor.stop()
+        return 1
+    return await supervisor.run()

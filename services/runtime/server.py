@@ -9,6 +9,8 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.runtime.info import SERVICE_NAME as INFO_SERVICE
+from services.runtime.info import ServerInfoServicer
 from services.runtime.reflection import enable_reflection
 from services.runtime.service import MeshService
 
@@ -51,7 +53,8 @@ class MeshServer:
         )
         self.service.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection([self.service.service_name, health.SERVICE_NAME], server)
+        ServerInfoServicer(self.service).register(server)
+        enable_reflection([self.service.service_name, INFO_SERVICE, health.SERVICE_NAME], server)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
             self.port = server.add_insecure_port(address)

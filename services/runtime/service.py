@@ -5,13 +5,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import grpc
 
 from services.runtime.errors import Unavailable
 from services.runtime.limits import StreamLimiter
 from services.runtime.settings import ServerSettings
+
+
+class NamedBackend(Protocol):
+    """What every backend tells about itself."""
+
+    name: str
+
+    @property
+    def model_name(self) -> str:
+        """Name of the loaded model (never a full path)."""
+        ...
 
 
 class MeshService(ABC):
@@ -23,6 +34,9 @@ class MeshService(ABC):
 
     #: Fully qualified gRPC service name, e.g. "nemotron.speech.v1.AsrService".
     service_name: ClassVar[str]
+
+    #: The model engine; set by each service's constructor.
+    backend: NamedBackend
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings

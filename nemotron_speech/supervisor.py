@@ -1,0 +1,89 @@
+"""Runs several servers as child processes: starts them, waits for health, stops them together.
+
+Used by `nemotron-speech serve-all` (the GPU container's command) and by `nemotron-speech up`.
+Each server is its own process, so a crash in one engine cannot take another down; when any child
+exits, the others are stopped and the supervisor exits with a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from nemotron_speech.probe import probe
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    """A group of child processes that live and die together."""
+
+    def __init__(self, stop_grace_s: float = 10.0) -> None:
+        self.stop_grace_s = stop_grace_s
+        self.children: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, name: str, argv: Sequence[str]) -> None:
+        """Start a child; its output goes to ours."""
+        self.children[name] = await asyncio.create_subprocess_exec(*argv)
+        log.info("started %s (pid %d)", name, self.children[name].pid)
+
+    async def wait_serving(self, targets: dict[str, str], timeout_s: float) -> None:
+        """Wait until every target reports SERVING; fail early if a child exits."""
+        deadline = time.monotonic() + timeout_s
+        pending = dict(targets)
+        while pending:
+            for name, child in self.children.items():
+                if child.returncode is not None:
+                    raise RuntimeError(f"{name} exited ({child.returncode}) while starting")
+            for name, target in list(pending.items()):
+                if (await probe(name, target, timeout_s=1.0)).serving:
+                    log.info("%s is SERVING at %s", name, target)
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not SERVING after {timeout_s:g} s: {', '.join(pending)}")
+            if pending:
+                await asyncio.sleep(0.5)
+
+    async def run(self) -> int:
+        """Until SIGTERM/SIGINT or the first child's exit; then stop all. Returns an exit code."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waits = {asyncio.create_task(child.wait()): name for name, child in self.children.items()}
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        failed = [waits[task] for task in done if task in waits]
+        await self.stop()
+        stopper.cancel()
+        for task in waits:
+            task.cancel()
+        if failed:
+            log.error("%s exited; stopped the others", ", ".join(failed))
+            return 1
+        return 0
+
+    async def stop(self) -> None:
+        """SIGTERM every child, then SIGKILL those still running after the grace period."""
+        for child in self.children.values():
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+        for name, child in self.children.items():
+            try:
+                await asyncio.wait_for(child.wait(), self.stop_grace_s)
+            except TimeoutError:
+                log.warning("%s did not stop in %.0f s; killing it", name, self.stop_grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await child.wait()
+
+
+def serve_argv(service: str, extra: Sequence[str] = ()) -> list[str]:
+    """The command line that runs one server with this interpreter."""
+    return [sys.executable, "-m", "nemotron_speech", "serve", service, *extra]

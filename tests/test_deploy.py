@@ -1,0 +1,157 @@
+"""The compose stack and Dockerfiles, checked without a Docker engine.
+
+The compose file is validated against the Compose specification's JSON schema after the same
+variable interpolation compose does, and every command, port and NEMOTRON_* variable in it is
+checked against what the servers and the CLI really accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from dotenv import dotenv_values
+
+from nemotron_speech.cli import build_parser
+from services.asr.settings import AsrSettings
+from services.llm.settings import LlmSettings
+from services.runtime.settings import ServerSettings
+from services.tts.settings import TtsSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+SCHEMA = ROOT / ".cache" / "compose-spec" / "compose_spec.json"
+SETTINGS: dict[str, type[ServerSettings]] = {
+    "ASR": AsrSettings,
+    "TTS": TtsSettings,
+    "LLM": LlmSettings,
+}
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolated(text: str, values: dict[str, str]) -> str:
+    """Compose-style `${VAR}` / `${VAR:-default}` substitution."""
+    return _VARIABLE.sub(lambda m: values.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    values = dotenv_values(ROOT / "deploy" / ".env.example")
+    return {k: v or "" for k, v in values.items()}
+
+
+@pytest.fixture(scope="module")
+def compose(env_example: dict[str, str]) -> dict[str, Any]:
+    document = yaml.safe_load(interpolated(COMPOSE.read_text(), env_example))
+    assert isinstance(document, dict)
+    return document
+
+
+def test_compose_file_matches_the_compose_specification_schema(compose):
+    if not SCHEMA.exists():
+        if os.environ.get("CI"):
+            pytest.fail("the Compose schema is missing; `tools/tasks.sh setup` fetches it")
+        pytest.skip("run `tools/tasks.sh compose-schema` to fetch the Compose schema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.validate(compose, schema, cls=jsonschema.Draft201909Validator)
+
+
+def test_the_schema_check_is_not_vacuous(compose):
+    if not SCHEMA.exists():
+        pytest.skip("needs the Compose schema")
+    schema = json.loads(SCHEMA.read_text())
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["asr"]["healthcheck"]["retrys"] = 3
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema, cls=jsonschema.Draft201909Validator)
+
+
+def test_stack_has_the_expected_services_profiles_and_ports(compose):
+    services = compose["services"]
+    assert {"asr", "tts", "llm", "speech-gpu", "jaeger", "vllm"} <= set(services)
+    for name in ("asr", "tts", "llm"):
+        assert services[name]["profiles"] == ["cpu"]
+    assert services["speech-gpu"]["profiles"] == ["gpu"]
+    assert services["speech-gpu"]["networks"]["default"]["aliases"] == ["asr", "tts", "llm"]
+    devices = services["speech-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    published = {
+        port.split(":")[1] for service in services.values() for port in service.get("ports", [])
+    }
+    assert {"8080", "8001", "8000", "16686", "4317"} <= published
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{port} would be published on every interface"
+
+
+def _nemotron_env(environment: dict[str, str]) -> dict[str, dict[str, str]]:
+    by_service: dict[str, dict[str, str]] = {"ASR": {}, "TTS": {}, "LLM": {}}
+    for key, value in environment.items():
+        match = re.fullmatch(r"NEMOTRON_(ASR|TTS|LLM)_(\w+)", key)
+        if match:
+            by_service[match.group(1)][match.group(2).lower()] = str(value)
+    return by_service
+
+
+@pytest.mark.parametrize("name", ["asr", "tts", "llm", "speech-gpu"])
+def test_commands_environment_and_ports_are_what_the_servers_accept(compose, name):
+    service = compose["services"][name]
+    parser = build_parser()
+    command = service["command"]
+    assert command[0] == "nemotron-speech"
+    parsed = parser.parse_args(command[1:])
+    stages = [parsed.service] if parsed.command == "serve" else service["environment"][
+        "NEMOTRON_STAGES"
+    ].split()
+    healthcheck = service["healthcheck"]["test"]
+    assert healthcheck[:2] == ["CMD", "nemotron-speech"]
+    parser.parse_args(healthcheck[2:])  # the healthcheck is a real command of ours
+    env = _nemotron_env(service["environment"])
+    published = {int(port.rsplit(":", 1)[1]) for port in service["ports"]}
+    for stage in stages:
+        settings_cls = SETTINGS[stage.upper()]
+        values = env[stage.upper()]
+        unknown = set(values) - set(settings_cls.model_fields)
+        assert not unknown, f"{name}: NEMOTRON_{stage.upper()}_* not accepted: {unknown}"
+        settings = settings_cls(**{k: v for k, v in values.items() if k != "model" or v})
+        assert settings.port in published, f"{name}: {stage} listens on {settings.port}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["asr", "tts", "llm"])
+def test_cpu_services_pass_the_servers_own_config_check(compose, name):
+    service = compose["services"][name]
+    env = {**os.environ, **{k: str(v) for k, v in service["environment"].items()}}
+    if not env.get("NEMOTRON_LLM_MODEL"):  # empty: the packaged default model
+        env.pop("NEMOTRON_LLM_MODEL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "nemotron_speech", *service["command"][1:], "--check-config"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_env_example_documents_every_variable_the_compose_file_uses(env_example):
+    used = {m.group(1) for m in _VARIABLE.finditer(COMPOSE.read_text())}
+    # Set by the stack CLI or by the OpenTelemetry convention, not by the user's .env.
+    derived = {"NEMOTRON_STAGES", "NEMOTRON_LLM_BACKEND", "NEMOTRON_LLM_MODEL", "NEMOTRON_VERSION",
+               "OTEL_EXPORTER_OTLP_ENDPOINT", "VLLM_VERSION", "JAEGER_VERSION"}
+    assert used - derived <= set(env_example), used - derived - set(env_example)
+
+
+def test_images_run_as_non_root_with_a_grpc_healthcheck():
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (ROOT / "deploy" / dockerfile).read_text()
+        assert re.search(r"^USER 10001", text, re.MULTILINE), dockerfile
+        assert 'CMD ["nemotron-speech", "health"' in text, dockerfile
+        assert "deploy/install.sh" in text, "images install with the script CI uses"
+    gpu = (ROOT / "deploy" / "Dockerfile.gpu").read_text()
+    assert "AS vllm" in gpu and "AS runtime" in gpu
