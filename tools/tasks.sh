@@ -21,7 +21,7 @@ task=${1:-}
 shift || true
 case "$task" in
   setup)
-    deploy/install.sh --dev
+    deploy/install.sh --dev --extra bench
     "$0" compose-schema
     ;;
   compose-schema)
