@@ -207,7 +207,7 @@ async def serve_websocket() -> None:
         await asyncio.Event().wait()
 
 
-# ---- clients --------------------------------------------------------------------------------------
+# ---- clients ------------------------------------------------------------------------------------
 
 # One exchange: send one unit of input, wait for its whole output; returns when done.
 Exchange = Callable[[], Awaitable[None]]
@@ -309,7 +309,7 @@ async def inprocess_session(service: str) -> Session:
     return Session(asr_exchange, close)
 
 
-# ---- measurement ----------------------------------------------------------------------------------
+# ---- measurement --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -404,7 +404,7 @@ async def run(frames: int, streams: int) -> list[PathResult]:
                 ),
                 (
                     "websocket",
-                    lambda s=service: ws_session(ws_target, s),
+                    lambda s=service, t=ws_target: ws_session(t, s),
                     psutil.Process(ws_server.pid),
                 ),
                 ("inprocess", lambda s=service: inprocess_session(s), None),
