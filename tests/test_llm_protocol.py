@@ -211,3 +211,22 @@ async def test_bad_input_gets_the_right_status(llm_stub, requests, code, field):
     assert caught.value.code() == code
     assert caught.value.details()
     assert field_violation(caught.value) == field
+
+
+async def test_done_waits_for_the_last_continue_so_every_continue_is_valid(llm_stub):
+    call = llm_stub.GenerateChunks()
+    await call.write(start(wait=True))
+    chunks = []
+    while True:
+        response = await call.read()
+        if response.HasField("done"):
+            break
+        chunks.append(response.chunk)
+        if chunks[-1].text.endswith("else?"):  # the last chunk: the call must stay open
+            await asyncio.sleep(0.2)
+            assert not call.done()
+        await call.write(cont(response.chunk.index))
+    assert response.done.finish_reason == llm_pb2.FINISH_REASON_STOP
+    assert "".join(c.text for c in chunks) == REPLY
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF

@@ -109,10 +109,13 @@ class Generation:
                 for chunk in chunker.push(token):
                     await self._send(chunk)
                     await self._await_release(chunk.index)
-            for chunk in chunker.flush():
-                await self._send(chunk)
         finally:
             await tokens.aclose()
+        for chunk in chunker.flush():
+            await self._send(chunk)
+            # `done` waits for the release of the last chunk too, so that a client's
+            # continue_generation can never race with the end of the call.
+            await self._await_release(chunk.index)
         await self._done()
 
     async def _send(self, chunk: Chunk) -> None:

@@ -31,8 +31,10 @@ class LlmServiceStub:
 
     One GenerateChunks call is one response. The first request is `start`; then, if the chunking
     policy sets wait_for_continue, the server sends chunk N and generates chunk N+1 only after
-    `continue_generation` for chunk N. `cancel` (or cancelling the call) stops generation within one
-    token; the call then ends with `done` (finish reason CANCELLED).
+    `continue_generation` for chunk N; `done` follows the continue for the last chunk, so a client
+    that continues every chunk it receives never writes to a finished call. Half-closing the request
+    stream releases all remaining chunks. `cancel` (or cancelling the call) stops generation within
+    one token; the call then ends with `done` (finish reason CANCELLED).
 
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
@@ -60,8 +62,10 @@ class LlmServiceServicer:
 
     One GenerateChunks call is one response. The first request is `start`; then, if the chunking
     policy sets wait_for_continue, the server sends chunk N and generates chunk N+1 only after
-    `continue_generation` for chunk N. `cancel` (or cancelling the call) stops generation within one
-    token; the call then ends with `done` (finish reason CANCELLED).
+    `continue_generation` for chunk N; `done` follows the continue for the last chunk, so a client
+    that continues every chunk it receives never writes to a finished call. Half-closing the request
+    stream releases all remaining chunks. `cancel` (or cancelling the call) stops generation within
+    one token; the call then ends with `done` (finish reason CANCELLED).
 
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
@@ -99,8 +103,10 @@ class LlmService:
 
     One GenerateChunks call is one response. The first request is `start`; then, if the chunking
     policy sets wait_for_continue, the server sends chunk N and generates chunk N+1 only after
-    `continue_generation` for chunk N. `cancel` (or cancelling the call) stops generation within one
-    token; the call then ends with `done` (finish reason CANCELLED).
+    `continue_generation` for chunk N; `done` follows the continue for the last chunk, so a client
+    that continues every chunk it receives never writes to a finished call. Half-closing the request
+    stream releases all remaining chunks. `cancel` (or cancelling the call) stops generation within
+    one token; the call then ends with `done` (finish reason CANCELLED).
 
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,

@@ -1,0 +1,140 @@
+"""python -m loadtest: how many conversations the mesh holds.
+
+Simulated callers hold whole conversations (speech in at real time, finalize, LLM with flow
+control, TTS of every chunk) against running servers, ramping up by steps until the turn
+latency's p95 passes a bound. Prints a table, writes a JSON and a PNG plot. Loopback only.
+
+    python -m loadtest --steps 1,2,4,8 --turns 3 [--wav question.wav]
+
+The question is spoken by the TTS server itself unless --wav gives a 16 kHz mono WAV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import sys
+import wave
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from loadtest.conversation import Targets
+from loadtest.ramp import ramp, report, write_json, write_plot
+from nemotron.speech.v1 import tts_pb2, tts_pb2_grpc
+from nemotron_speech.targets import target_of
+from services.runtime.audio import float_to_pcm16, pcm16_to_float, resample
+
+DEFAULT_QUESTION = "What is the capital of France, and what is it famous for?"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The load test's flags."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
+    parser.add_argument("--asr", default=target_of("asr"), help="ASR target host:port")
+    parser.add_argument("--tts", default=target_of("tts"), help="TTS target host:port")
+    parser.add_argument("--llm", default=target_of("llm"), help="LLM target host:port")
+    parser.add_argument("--steps", default="1,2,4,8", help="callers per step, e.g. 1,2,4,8")
+    parser.add_argument("--turns", type=int, default=3, help="turns per conversation (1-50)")
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="audio streaming speed; 1 is real time"
+    )
+    parser.add_argument(
+        "--p95-bound-ms",
+        type=float,
+        default=2000.0,
+        help="stop the ramp after a step whose turn p95 is above this",
+    )
+    parser.add_argument(
+        "--turn-deadline-s",
+        type=float,
+        default=60.0,
+        help="a turn that takes longer fails with DEADLINE_EXCEEDED",
+    )
+    parser.add_argument("--wav", type=Path, help="the caller's question (16 kHz mono WAV)")
+    parser.add_argument(
+        "--question",
+        default=DEFAULT_QUESTION,
+        help="text the TTS server speaks as the question when --wav is not given",
+    )
+    parser.add_argument("--json", type=Path, default=Path("artifacts/loadtest.json"))
+    parser.add_argument("--png", type=Path, default=Path("artifacts/loadtest.png"))
+    return parser
+
+
+async def spoken_question(tts_target: str, text: str) -> bytes:
+    """The question as 16 kHz LINEAR16, spoken by the TTS server under test."""
+    async with grpc.aio.insecure_channel(tts_target) as channel:
+        requests = [
+            tts_pb2.SynthesizeRequest(config=tts_pb2.SynthesisConfig(sample_rate_hz=16000)),
+            tts_pb2.SynthesizeRequest(
+                text=tts_pb2.TextSegment(
+                    segment_id="question", text=text, mode=tts_pb2.SYNTHESIS_MODE_BATCH
+                )
+            ),
+            tts_pb2.SynthesizeRequest(close=tts_pb2.CloseStream()),
+        ]
+        call = tts_pb2_grpc.TtsServiceStub(channel).Synthesize(iter(requests), timeout=60)
+        audio = b"".join([r.audio.audio async for r in call if r.HasField("audio")])
+    # Half a second of silence after the question, as a speaker pauses before the finalize.
+    return audio + b"\x00\x00" * 8000
+
+
+def read_wav(path: Path) -> bytes:
+    """A mono 16-bit WAV as 16 kHz LINEAR16."""
+    with wave.open(str(path)) as wav:
+        if wav.getnchannels() != 1 or wav.getsampwidth() != 2:
+            raise SystemExit(f"{path}: need a mono 16-bit WAV")
+        rate, data = wav.getframerate(), wav.readframes(wav.getnframes())
+    return float_to_pcm16(resample(pcm16_to_float(data), rate, 16000))
+
+
+def check_loopback(*targets: str) -> None:
+    """The load test only ever targets this machine."""
+    for target in targets:
+        host = target.rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            continue
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                continue
+        except ValueError:
+            pass
+        raise SystemExit(f"refusing to load {target}: the load test targets loopback only")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    steps = [int(n) for n in args.steps.split(",")]
+    if not 1 <= args.turns <= 50 or any(not 1 <= n <= 64 for n in steps):
+        raise SystemExit("--turns must be 1-50 and each step 1-64 callers")
+    check_loopback(args.asr, args.tts, args.llm)
+    targets = Targets(asr=args.asr, tts=args.tts, llm=args.llm)
+    question = (
+        read_wav(args.wav) if args.wav else asyncio.run(spoken_question(args.tts, args.question))
+    )
+    seconds = len(question) / 32000
+    print(f"question: {seconds:.1f} s of audio; steps {steps}, {args.turns} turns per caller")
+    result = asyncio.run(
+        ramp(
+            targets,
+            question,
+            steps,
+            args.turns,
+            args.speed,
+            args.p95_bound_ms,
+            args.turn_deadline_s,
+        )
+    )
+    print()
+    print(report(result))
+    write_json(result, args.json)
+    write_plot(result, args.png)
+    print(f"wrote {args.json} and {args.png}")
+    return 0 if result.steps and result.steps[0].turns_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
