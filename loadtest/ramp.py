@@ -153,7 +153,7 @@ def report(result: RampResult) -> str:
         table(rows, header),
         "",
         f"capacity: {result.capacity()} concurrent conversations with turn p95 under "
-        f"{result.p95_bound_ms:.0f} ms (latencies in ms; turn = finalize -> first reply audio)",
+        f"{result.p95_bound_ms:.0f} ms (in ms; turn = finalize -> first reply audio)",
     ]
     for s in result.steps:
         if s.errors:
