@@ -52,6 +52,7 @@ class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
     """Serves StreamingRecognize with one backend shared by all streams."""
 
     service_name = asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name
+    telemetry_name = "nemotron-asr"
     backend: AsrBackend
 
     def __init__(self, settings: AsrSettings, backend: AsrBackend) -> None:

@@ -26,6 +26,7 @@ class LlmService(MeshService, llm_pb2_grpc.LlmServiceServicer):
     """Serves GenerateChunks with one backend shared by all calls."""
 
     service_name = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
+    telemetry_name = "nemotron-llm"
     backend: LlmBackend
 
     def __init__(self, settings: LlmSettings, backend: LlmBackend) -> None:

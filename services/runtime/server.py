@@ -13,6 +13,7 @@ from services.runtime.info import SERVICE_NAME as INFO_SERVICE
 from services.runtime.info import ServerInfoServicer
 from services.runtime.reflection import enable_reflection
 from services.runtime.service import MeshService
+from services.runtime.telemetry import configure_telemetry, flush_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class MeshServer:
 
     async def start(self) -> int:
         """Listen, then load the model in the background; returns the bound port."""
+        # Before the server exists: the gRPC instrumentation hooks server creation.
+        self.service.telemetry = configure_telemetry(self.service.telemetry_name)
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             options=[
@@ -86,6 +89,7 @@ class MeshServer:
             await asyncio.wait({self._load_task})
         self.service.ready = False
         await self.service.aclose()
+        flush_telemetry()
         log.info("stopped")
 
     async def run_until_signal(self) -> None:

@@ -12,6 +12,7 @@ import grpc
 from services.runtime.errors import Unavailable
 from services.runtime.limits import StreamLimiter
 from services.runtime.settings import ServerSettings
+from services.runtime.telemetry import Telemetry
 
 
 class NamedBackend(Protocol):
@@ -34,6 +35,8 @@ class MeshService(ABC):
 
     #: Fully qualified gRPC service name, e.g. "nemotron.speech.v1.AsrService".
     service_name: ClassVar[str]
+    #: Default OpenTelemetry service name (OTEL_SERVICE_NAME overrides it), e.g. "nemotron-asr".
+    telemetry_name: ClassVar[str] = "nemotron-speech"
 
     #: The model engine; set by each service's constructor.
     backend: NamedBackend
@@ -42,6 +45,8 @@ class MeshService(ABC):
         self.settings = settings
         self.limiter = StreamLimiter(settings.max_streams)
         self.ready = False
+        # Off until MeshServer configures it from the environment; spans are skipped while off.
+        self.telemetry = Telemetry()
 
     @abstractmethod
     def register(self, server: grpc.aio.Server) -> None:

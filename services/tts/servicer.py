@@ -37,6 +37,7 @@ class TtsService(MeshService, tts_pb2_grpc.TtsServiceServicer):
     """Serves Synthesize and ListVoices with one backend shared by all calls."""
 
     service_name = tts_pb2.DESCRIPTOR.services_by_name["TtsService"].full_name
+    telemetry_name = "nemotron-tts"
     backend: TtsBackend
 
     def __init__(self, settings: TtsSettings, backend: TtsBackend) -> None:

@@ -42,14 +42,23 @@ class SynthesisConfig(_message.Message):
     def __init__(self, voice: _Optional[str] = ..., language: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[_common_pb2.AudioEncoding, str]] = ...) -> None: ...
 
 class TextSegment(_message.Message):
-    __slots__ = ("segment_id", "text", "mode")
+    __slots__ = ("segment_id", "text", "mode", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     segment_id: str
     text: str
     mode: SynthesisMode
-    def __init__(self, segment_id: _Optional[str] = ..., text: _Optional[str] = ..., mode: _Optional[_Union[SynthesisMode, str]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, segment_id: _Optional[str] = ..., text: _Optional[str] = ..., mode: _Optional[_Union[SynthesisMode, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CloseStream(_message.Message):
     __slots__ = ()
