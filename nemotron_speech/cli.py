@@ -12,6 +12,7 @@ from nemotron_speech.probe import format_table, probe_all
 from nemotron_speech.stack import STAGES, add_stack_parser, run_stack
 from nemotron_speech.supervisor import Supervisor, serve_argv
 from nemotron_speech.targets import target_of
+from nemotron_speech.trace_report import add_trace_report_parser, run_trace_report
 from services.serve import add_serve_parser, run_serve
 
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=2.0, help="seconds per server")
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     add_stack_parser(subparsers)
+    add_trace_report_parser(subparsers)
     return parser
 
 
@@ -65,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_health(_stages(args.stages), args.host, args.timeout, args.quiet))
     if args.command == "stack":
         return run_stack(args)
+    if args.command == "trace-report":
+        return run_trace_report(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Self
@@ -48,6 +48,10 @@ class FinalizeEvent:
     start_ms: float = 0.0
     end_ms: float = 0.0
     received_at: float = field(default_factory=time.perf_counter)
+    #: perf_counter() when the utterance's first audio arrived (None: no audio).
+    audio_started_at: float | None = None
+    #: W3C trace context of the client's turn (for the servicer's spans; backends ignore it).
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def soft(self) -> bool:

@@ -20,12 +20,14 @@ from services.asr.backend import (
     StreamOptions,
 )
 from services.asr.settings import AsrSettings
+from services.runtime import trace_types as names
 from services.runtime.audio import FloatAudio, PcmAssembler, StreamResampler, duration_ms
 from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_errors
 from services.runtime.ids import check_client_id, new_id
 from services.runtime.languages import resolve_language
 from services.runtime.service import MeshService
 from services.runtime.streams import Duplex, StreamQueue
+from services.runtime.telemetry import Telemetry, context_from
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +100,38 @@ class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
                     language=options.language,
                 )
             )
+            relay = _TranscriptRelay(
+                options,
+                self.settings.log_content,
+                self.telemetry,
+                self.backend.name,
+                self.backend.model_name,
+            )
             events: StreamQueue[RecognizerEvent] = StreamQueue(_EVENT_QUEUE_SIZE)
             reader = _RequestReader(self.asr_settings, self.backend.sample_rate_hz, input_rate)
             duplex.spawn(reader.run(requests, events), name=f"{options.session_id}-reader")
             duplex.spawn(
-                self._relay(options, events, duplex), name=f"{options.session_id}-recognizer"
+                self._relay(options, relay, events, duplex),
+                name=f"{options.session_id}-recognizer",
+            )
+            stream_span = (
+                self.telemetry.tracer.start_span(
+                    names.SPAN_ASR_STREAM,
+                    attributes={
+                        names.ATTR_SESSION_ID: options.session_id,
+                        names.ATTR_BACKEND: self.backend.name,
+                        names.ATTR_MODEL: self.backend.model_name,
+                    },
+                )
+                if self.telemetry.enabled
+                else None
             )
             try:
                 async for response in duplex.responses():
                     yield response
             finally:
+                if stream_span is not None:
+                    stream_span.end()
                 log.info("stream %s closed", options.session_id)
 
     def _configure(self, first: Request) -> tuple[StreamOptions, int]:
@@ -142,11 +166,11 @@ class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
     async def _relay(
         self,
         options: StreamOptions,
+        relay: _TranscriptRelay,
         events: StreamQueue[RecognizerEvent],
         duplex: Duplex[Response],
     ) -> None:
         """Run the backend's recognizer and turn its hypotheses into protocol responses."""
-        relay = _TranscriptRelay(options, self.settings.log_content)
         recognizer = self.backend.recognize(options, events)
         try:
             async for hypothesis in recognizer:
@@ -164,6 +188,9 @@ class _TranscriptRelay:
 
     options: StreamOptions
     log_content: bool
+    telemetry: Telemetry
+    backend_name: str
+    model_name: str
     utterance_start_ms: float = 0.0
     last_text: str | None = None
 
@@ -200,6 +227,8 @@ class _TranscriptRelay:
         else:
             self.utterance_start_ms = finalize.end_ms
             self.last_text = None
+        if self.telemetry.enabled:
+            self._trace(finalize, hypothesis, elapsed_ms)
         log.info(
             "stream %s: %s transcript for %r, %d chars%s, %.0f ms after finalize",
             self.options.session_id,
@@ -210,6 +239,33 @@ class _TranscriptRelay:
             elapsed_ms,
         )
         return Response(transcript=transcript)
+
+    def _trace(self, finalize: FinalizeEvent, hypothesis: Hypothesis, elapsed_ms: float) -> None:
+        attributes = {
+            names.ATTR_TTFB_MS: elapsed_ms,
+            names.ATTR_BACKEND: self.backend_name,
+            names.ATTR_MODEL: self.model_name,
+            names.ATTR_SESSION_ID: self.options.session_id,
+            names.ATTR_UTTERANCE_ID: finalize.utterance_id,
+            names.ATTR_AUDIO_MS: finalize.end_ms - finalize.start_ms,
+            names.ATTR_FINAL_REASON: finalize.kind.value,
+        }
+        if self.telemetry.record_content:
+            attributes[names.ATTR_TRANSCRIPT] = hypothesis.text
+        parent = context_from(finalize.trace_context)
+        now = time.perf_counter()
+        self.telemetry.span_between(
+            names.SPAN_ASR_FINALIZE, finalize.received_at, now, attributes, parent=parent
+        )
+        if not finalize.soft and finalize.audio_started_at is not None:
+            utterance = {k: v for k, v in attributes.items() if k != names.ATTR_TTFB_MS}
+            self.telemetry.span_between(
+                names.SPAN_ASR_UTTERANCE, finalize.audio_started_at, now, utterance, parent=parent
+            )
+        if not finalize.soft:
+            self.telemetry.record_ttfb(
+                names.METRIC_ASR_TTFB, elapsed_ms, {names.ATTR_BACKEND: self.backend_name}
+            )
 
 
 class _RequestReader:
@@ -222,6 +278,7 @@ class _RequestReader:
         self.resampler = StreamResampler(input_rate, model_rate)
         self.stream_samples = 0  # at the model rate, since the stream began
         self.utterance_start = 0
+        self.utterance_audio_at: float | None = None
 
     async def run(
         self, requests: AsyncIterator[Request], events: StreamQueue[RecognizerEvent]
@@ -236,7 +293,9 @@ class _RequestReader:
                     request.finalize.utterance_id, "finalize.utterance_id"
                 )
                 soft = FinalizeKind.SOFT if request.finalize.soft else FinalizeKind.FINALIZE
-                await self._finalize(utterance_id, soft, events)
+                await self._finalize(
+                    utterance_id, soft, events, trace_context=dict(request.finalize.trace_context)
+                )
             elif kind == "config":
                 raise FailedPrecondition(
                     "config was already sent; send it once, as the first request"
@@ -266,6 +325,7 @@ class _RequestReader:
         kind: FinalizeKind,
         events: StreamQueue[RecognizerEvent],
         flush: bool = True,
+        trace_context: dict[str, str] | None = None,
     ) -> None:
         if kind is not FinalizeKind.SOFT and flush:
             await self._emit(self.resampler.flush(), events)
@@ -274,12 +334,17 @@ class _RequestReader:
             kind=kind,
             start_ms=duration_ms(self.utterance_start, self.model_rate),
             end_ms=duration_ms(self.stream_samples, self.model_rate),
+            audio_started_at=self.utterance_audio_at,
+            trace_context=trace_context or {},
         )
         await events.put(event)
         if kind is not FinalizeKind.SOFT:
             self.utterance_start = self.stream_samples
+            self.utterance_audio_at = None
 
     async def _emit(self, samples: FloatAudio, events: StreamQueue[RecognizerEvent]) -> None:
         if samples.size:
+            if self.utterance_audio_at is None:
+                self.utterance_audio_at = time.perf_counter()
             self.stream_samples += samples.size
             await events.put(AudioEvent(samples))

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from opentelemetry import trace
 
 from nemotron.speech.v1 import common_pb2, llm_pb2
 from services.llm.backend import FinishReason, GenerationRequest, GenerationStats, LlmBackend
 from services.llm.chunker import Chunk, ChunkPolicy, SentenceChunker
+from services.runtime import trace_types as names
 from services.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.runtime.streams import Duplex, cancel_and_wait
+from services.runtime.telemetry import Telemetry, context_from
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +41,11 @@ class Generation:
         wait_for_continue: bool,
         continue_timeout_s: float,
         duplex: Duplex[Response],
+        telemetry: Telemetry | None = None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
         self.backend = backend
+        self.telemetry = telemetry or Telemetry()
         self.request = request
         self.policy = policy
         self.wait_for_continue = wait_for_continue
@@ -51,6 +59,18 @@ class Generation:
         self.released = asyncio.Event()
         self.producer: asyncio.Task[None] | None = None
         self.finished = False
+        self.chunk_started_at = self.started_at
+        self.span: trace.Span | None = None
+        if self.telemetry.enabled:
+            # Metadata context (set by the gRPC instrumentation) wins; else the message's.
+            parent = (
+                None
+                if trace.get_current_span().get_span_context().is_valid
+                else (context_from(trace_context or {}))
+            )
+            self.span = self.telemetry.tracer.start_span(
+                names.SPAN_LLM_REQUEST, context=parent, attributes=self._request_attributes()
+            )
 
     def start(self) -> None:
         """Begin generating beside the reader."""
@@ -87,6 +107,7 @@ class Generation:
             )
         if index > self.continued_through:
             self.continued_through = index
+            self.chunk_started_at = time.perf_counter()
             self.released.set()
 
     async def cancel(self) -> None:
@@ -118,9 +139,33 @@ class Generation:
             await self._await_release(chunk.index)
         await self._done()
 
+    def _request_attributes(self) -> dict[str, Any]:
+        sampling = self.request.sampling
+        attributes: dict[str, Any] = {
+            names.GEN_AI_OPERATION: "chat",
+            names.GEN_AI_SYSTEM: self.backend.name,
+            names.GEN_AI_REQUEST_MODEL: self.backend.model_name,
+            names.GEN_AI_REQUEST_MAX_TOKENS: sampling.max_tokens,
+            names.GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
+            names.ATTR_BACKEND: self.backend.name,
+        }
+        if self.telemetry.record_content:
+            attributes[names.GEN_AI_INPUT_MESSAGES] = [
+                f"{m.role}: {m.content}" for m in self.request.messages
+            ]
+        return attributes
+
     async def _send(self, chunk: Chunk) -> None:
         if self.first_chunk_at is None:
             self.first_chunk_at = time.perf_counter()
+        if self.span is not None:
+            self.telemetry.span_between(
+                names.SPAN_LLM_CHUNK,
+                self.chunk_started_at,
+                time.perf_counter(),
+                {names.ATTR_CHUNK_INDEX: chunk.index, names.ATTR_CHUNK_TOKENS: chunk.token_count},
+                parent=trace.set_span_in_context(self.span),
+            )
         await self.duplex.send(
             Response(
                 chunk=llm_pb2.TextChunk(
@@ -171,6 +216,8 @@ class Generation:
             )
         )
         self.duplex.finish()
+        if self.span is not None:
+            self._end_span(first, now)
         log.info(
             "request %s done: %s, %d chunks, %d/%d/%d prompt/cached/completion tokens",
             self.request.request_id or "-",
@@ -180,3 +227,28 @@ class Generation:
             stats.cached_prompt_tokens,
             stats.completion_tokens,
         )
+
+    def _end_span(self, first: float, now: float) -> None:
+        assert self.span is not None
+        stats = self.stats
+        ttfb_ms = 1000 * (first - self.started_at)
+        self.span.set_attributes(
+            {
+                names.ATTR_TTFB_MS: ttfb_ms,
+                names.GEN_AI_USAGE_INPUT_TOKENS: stats.prompt_tokens,
+                names.GEN_AI_USAGE_CACHED_INPUT_TOKENS: stats.cached_prompt_tokens,
+                names.GEN_AI_USAGE_OUTPUT_TOKENS: stats.completion_tokens,
+                names.GEN_AI_FINISH_REASONS: [stats.finish_reason.value],
+            }
+        )
+        self.span.end()
+        self.telemetry.record_ttfb(
+            names.METRIC_LLM_TTFB, ttfb_ms, {names.ATTR_BACKEND: self.backend.name}
+        )
+
+    def abandon(self) -> None:
+        """End the request span if the call ended without `done` (client went away)."""
+        if self.span is not None and not self.finished:
+            self.span.set_attribute(names.ATTR_CANCELLED, True)
+            self.span.end()
+            self.span = None

@@ -69,6 +69,8 @@ class LlmService(MeshService, llm_pb2_grpc.LlmServiceServicer):
                 first.start.chunking.wait_for_continue,
                 self.llm_settings.continue_timeout_s,
                 duplex,
+                self.telemetry,
+                first.start.trace_context,
             )
             log.info(
                 "request %s: %d messages%s",
@@ -78,5 +80,8 @@ class LlmService(MeshService, llm_pb2_grpc.LlmServiceServicer):
             )
             generation.start()
             duplex.spawn(generation.read(requests), name="llm-reader")
-            async for response in duplex.responses():
-                yield response
+            try:
+                async for response in duplex.responses():
+                    yield response
+            finally:
+                generation.abandon()

@@ -3,6 +3,7 @@
 # Spans of the units of work inside a stream (the RPC itself is traced by the gRPC
 # instrumentation, which cannot see time to first byte inside a streamed call).
 SPAN_ASR_STREAM = "asr.stream"
+SPAN_ASR_UTTERANCE = "asr.utterance"  # first audio of an utterance -> its final transcript
 SPAN_ASR_FINALIZE = "asr.finalize"  # finalize received -> final transcript sent
 SPAN_TTS_STREAM = "tts.stream"
 SPAN_TTS_SEGMENT = "tts.segment"  # text received -> segment_complete sent

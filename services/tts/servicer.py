@@ -68,12 +68,15 @@ class TtsService(MeshService, tts_pb2_grpc.TtsServiceServicer):
             if first is None:
                 return
             session = SynthesisSession(
-                self.backend, self.tts_settings, self._configure(first), duplex
+                self.backend, self.tts_settings, self._configure(first), duplex, self.telemetry
             )
             duplex.spawn(session.read(requests), name="tts-reader")
             duplex.spawn(session.speak(), name="tts-worker")
-            async for response in duplex.responses():
-                yield response
+            try:
+                async for response in duplex.responses():
+                    yield response
+            finally:
+                session.end_stream_span(cancelled=True)
 
     @unary_rpc_errors
     async def ListVoices(

@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import trace
 
 from nemotron.speech.v1 import common_pb2, tts_pb2
+from services.runtime import trace_types as names
 from services.runtime.audio import StreamResampler, duration_ms, float_to_pcm16
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.ids import check_client_id, new_id
 from services.runtime.streams import Duplex, cancel_and_wait
+from services.runtime.telemetry import Telemetry, context_from
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
 from services.tts.settings import TtsSettings
 from services.tts.text import normalize, split_for_synthesis
@@ -50,6 +53,8 @@ class _Segment:
     segment_id: str
     pieces: list[str]
     mode: SynthesisMode
+    text_chars: int = 0
+    trace_context: dict[str, str] = field(default_factory=dict)
     received_at: float = field(default_factory=time.perf_counter)
 
 
@@ -62,8 +67,10 @@ class SynthesisSession:
         settings: TtsSettings,
         config: CallConfig,
         duplex: Duplex[Response],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.backend = backend
+        self.telemetry = telemetry or Telemetry()
         self.settings = settings
         self.config = config
         self.duplex = duplex
@@ -73,6 +80,7 @@ class SynthesisSession:
         self.wake = asyncio.Event()
         self.closing = False
         self.speaking: asyncio.Task[None] | None = None
+        self.stream_span: trace.Span | None = None
 
     # ---- reader -------------------------------------------------------------------------------
 
@@ -119,12 +127,30 @@ class SynthesisSession:
             await self._open_stream()
         assert self.stream_id is not None
         pieces = split_for_synthesis(normalize(segment.text), self.settings.synthesis_chunk_chars)
-        self.queue.append(_Segment(self.stream_id, segment_id, pieces, _MODES[segment.mode]))
+        self.queue.append(
+            _Segment(
+                self.stream_id,
+                segment_id,
+                pieces,
+                _MODES[segment.mode],
+                text_chars=len(segment.text),
+                trace_context=dict(segment.trace_context),
+            )
+        )
         self.wake.set()
 
     async def _open_stream(self) -> None:
         self.stream_id = new_id("tts")
         self.stream_audio_ms = 0.0
+        if self.telemetry.enabled:
+            self.stream_span = self.telemetry.tracer.start_span(
+                names.SPAN_TTS_STREAM,
+                attributes={
+                    names.ATTR_STREAM_ID: self.stream_id,
+                    names.ATTR_BACKEND: self.backend.name,
+                    names.ATTR_MODEL: self.backend.model_name,
+                },
+            )
         await self.duplex.send(
             Response(
                 stream_created=tts_pb2.StreamCreated(
@@ -148,6 +174,7 @@ class SynthesisSession:
         # Audio of this stream that was produced but not yet sent is dropped too.
         self.duplex.outbox.discard(lambda response: _stream_of(response) == cancelled_id)
         self.stream_id = None
+        self.end_stream_span(cancelled=True)
         await self.duplex.send(
             Response(
                 cancelled=tts_pb2.StreamCancelled(stream_id=cancelled_id, dropped_segments=dropped)
@@ -184,21 +211,37 @@ class SynthesisSession:
             )
         )
         self.duplex.finish()
+        self.end_stream_span(cancelled=False)
+
+    def end_stream_span(self, cancelled: bool) -> None:
+        """End the open stream's span (at done, cancel, or the end of the call)."""
+        if self.stream_span is not None:
+            self.stream_span.set_attribute(names.ATTR_AUDIO_MS, self.stream_audio_ms)
+            self.stream_span.set_attribute(names.ATTR_CANCELLED, cancelled)
+            self.stream_span.end()
+            self.stream_span = None
 
     async def _speak(self, segment: _Segment) -> None:
         rate = self.config.sample_rate_hz
         resampler = StreamResampler(self.config.voice.sample_rate_hz, rate)
         max_samples = rate * _MAX_CHUNK_MS // 1000
         sent = _SentAudio()
-        for piece in segment.pieces:
-            job = SynthesisJob(piece, self.config.voice, self.config.language, segment.mode)
-            audio = self.backend.synthesize(job)
-            try:
-                async for samples in audio:
-                    await self._send_audio(segment, resampler.push(samples), max_samples, sent)
-            finally:
-                await audio.aclose()
+        try:
+            for piece in segment.pieces:
+                job = SynthesisJob(piece, self.config.voice, self.config.language, segment.mode)
+                audio = self.backend.synthesize(job)
+                try:
+                    async for samples in audio:
+                        await self._send_audio(segment, resampler.push(samples), max_samples, sent)
+                finally:
+                    await audio.aclose()
+        except asyncio.CancelledError:
+            if self.telemetry.enabled:
+                self._trace(segment, sent, cancelled=True)
+            raise
         await self._send_audio(segment, resampler.flush(), max_samples, sent)
+        if self.telemetry.enabled:
+            self._trace(segment, sent, cancelled=False)
         audio_ms = duration_ms(sent.samples, rate)
         self.stream_audio_ms += audio_ms
         now = time.perf_counter()
@@ -215,6 +258,34 @@ class SynthesisSession:
                     ),
                 )
             )
+        )
+
+    def _trace(self, segment: _Segment, sent: _SentAudio, cancelled: bool) -> None:
+        now = time.perf_counter()
+        attributes: dict[str, object] = {
+            names.ATTR_BACKEND: self.backend.name,
+            names.ATTR_MODEL: self.backend.model_name,
+            names.ATTR_STREAM_ID: segment.stream_id,
+            names.ATTR_SEGMENT_ID: segment.segment_id,
+            names.ATTR_MODE: segment.mode.value,
+            names.ATTR_TEXT_CHARS: segment.text_chars,
+            names.ATTR_AUDIO_MS: duration_ms(sent.samples, self.config.sample_rate_hz),
+            names.ATTR_CANCELLED: cancelled,
+        }
+        if sent.first_at is not None:
+            ttfb_ms = 1000 * (sent.first_at - segment.received_at)
+            attributes[names.ATTR_TTFB_MS] = ttfb_ms
+            self.telemetry.record_ttfb(
+                names.METRIC_TTS_TTFB, ttfb_ms, {names.ATTR_BACKEND: self.backend.name}
+            )
+        if self.telemetry.record_content:
+            attributes[names.ATTR_TEXT] = " ".join(segment.pieces)
+        self.telemetry.span_between(
+            names.SPAN_TTS_SEGMENT,
+            segment.received_at,
+            now,
+            attributes,
+            parent=context_from(segment.trace_context),
         )
 
     async def _send_audio(
