@@ -108,9 +108,11 @@ def test_commands_environment_and_ports_are_what_the_servers_accept(compose, nam
     command = service["command"]
     assert command[0] == "nemotron-speech"
     parsed = parser.parse_args(command[1:])
-    stages = [parsed.service] if parsed.command == "serve" else service["environment"][
-        "NEMOTRON_STAGES"
-    ].split()
+    stages = (
+        [parsed.service]
+        if parsed.command == "serve"
+        else service["environment"]["NEMOTRON_STAGES"].split()
+    )
     healthcheck = service["healthcheck"]["test"]
     assert healthcheck[:2] == ["CMD", "nemotron-speech"]
     parser.parse_args(healthcheck[2:])  # the healthcheck is a real command of ours
@@ -134,7 +136,11 @@ def test_cpu_services_pass_the_servers_own_config_check(compose, name):
         env.pop("NEMOTRON_LLM_MODEL", None)
     done = subprocess.run(
         [sys.executable, "-m", "nemotron_speech", *service["command"][1:], "--check-config"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
 
@@ -142,8 +148,15 @@ def test_cpu_services_pass_the_servers_own_config_check(compose, name):
 def test_env_example_documents_every_variable_the_compose_file_uses(env_example):
     used = {m.group(1) for m in _VARIABLE.finditer(COMPOSE.read_text())}
     # Set by the stack CLI or by the OpenTelemetry convention, not by the user's .env.
-    derived = {"NEMOTRON_STAGES", "NEMOTRON_LLM_BACKEND", "NEMOTRON_LLM_MODEL", "NEMOTRON_VERSION",
-               "OTEL_EXPORTER_OTLP_ENDPOINT", "VLLM_VERSION", "JAEGER_VERSION"}
+    derived = {
+        "NEMOTRON_STAGES",
+        "NEMOTRON_LLM_BACKEND",
+        "NEMOTRON_LLM_MODEL",
+        "NEMOTRON_VERSION",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "VLLM_VERSION",
+        "JAEGER_VERSION",
+    }
     assert used - derived <= set(env_example), used - derived - set(env_example)
 
 

@@ -27,9 +27,14 @@ FAKE_DOCKER = ROOT / "tests" / "fake_docker"
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nemotron_speech", *args, cwd=ROOT,
+        sys.executable,
+        "-m",
+        "nemotron_speech",
+        *args,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
@@ -42,8 +47,11 @@ def docker_log(tmp_path: Path) -> Path:
 
 
 def fake_env(log: Path, **extra: str) -> dict[str, str]:
-    return {"PATH": f"{FAKE_DOCKER}{os.pathsep}{os.environ['PATH']}",
-            "FAKE_DOCKER_LOG": str(log), **extra}
+    return {
+        "PATH": f"{FAKE_DOCKER}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_DOCKER_LOG": str(log),
+        **extra,
+    }
 
 
 def calls(log: Path) -> list[dict[str, object]]:
@@ -59,23 +67,48 @@ def compose_args(call: dict[str, object]) -> list[str]:
 
 
 async def test_start_cpu_without_tts(docker_log):
-    code, out, _ = await cli("stack", "start", "--profile", "cpu", "--no-tts",
-                             env=fake_env(docker_log))
+    code, out, _ = await cli(
+        "stack", "start", "--profile", "cpu", "--no-tts", env=fake_env(docker_log)
+    )
     assert code == 0, out
     (call,) = calls(docker_log)
-    assert compose_args(call) == ["--profile", "cpu", "up", "--detach", "--wait", "asr", "llm",
-                                  "jaeger"]
+    assert compose_args(call) == [
+        "--profile",
+        "cpu",
+        "up",
+        "--detach",
+        "--wait",
+        "asr",
+        "llm",
+        "jaeger",
+    ]
 
 
 async def test_start_gpu_llamacpp_q4_with_a_model_file(docker_log, tmp_path):
     model = tmp_path / "my-nano.gguf"
     model.write_bytes(b"GGUF")
-    code, _, err = await cli("stack", "start", "--profile", "gpu", "--mode", "llamacpp-q4",
-                             "--model", str(model), env=fake_env(docker_log))
+    code, _, err = await cli(
+        "stack",
+        "start",
+        "--profile",
+        "gpu",
+        "--mode",
+        "llamacpp-q4",
+        "--model",
+        str(model),
+        env=fake_env(docker_log),
+    )
     assert code == 0, err
     (call,) = calls(docker_log)
-    assert compose_args(call) == ["--profile", "gpu", "up", "--detach", "--wait", "speech-gpu",
-                                  "jaeger"]
+    assert compose_args(call) == [
+        "--profile",
+        "gpu",
+        "up",
+        "--detach",
+        "--wait",
+        "speech-gpu",
+        "jaeger",
+    ]
     env = call["env"]
     assert isinstance(env, dict)
     assert env["MODELS_DIR"] == str(tmp_path)
@@ -85,12 +118,23 @@ async def test_start_gpu_llamacpp_q4_with_a_model_file(docker_log, tmp_path):
 
 
 async def test_start_gpu_vllm_adds_the_vllm_profile(docker_log):
-    code, _, err = await cli("stack", "start", "--profile", "gpu", "--mode", "vllm", "--no-asr",
-                             env=fake_env(docker_log))
+    code, _, err = await cli(
+        "stack", "start", "--profile", "gpu", "--mode", "vllm", "--no-asr", env=fake_env(docker_log)
+    )
     assert code == 0, err
     (call,) = calls(docker_log)
-    assert compose_args(call) == ["--profile", "gpu", "--profile", "vllm", "up", "--detach",
-                                  "--wait", "speech-gpu", "vllm", "jaeger"]
+    assert compose_args(call) == [
+        "--profile",
+        "gpu",
+        "--profile",
+        "vllm",
+        "up",
+        "--detach",
+        "--wait",
+        "speech-gpu",
+        "vllm",
+        "jaeger",
+    ]
     env = call["env"]
     assert isinstance(env, dict)
     assert env["NEMOTRON_LLM_BACKEND"] == "openai_upstream"
@@ -100,8 +144,7 @@ async def test_start_gpu_vllm_adds_the_vllm_profile(docker_log):
 async def test_start_follows_logs_with_f(docker_log):
     code, _, _ = await cli("stack", "start", "--profile", "cpu", "-f", env=fake_env(docker_log))
     assert code == 0
-    assert [compose_args(c)[-2:] for c in calls(docker_log)] == [["llm", "jaeger"],
-                                                                 ["logs", "-f"]]
+    assert [compose_args(c)[-2:] for c in calls(docker_log)] == [["llm", "jaeger"], ["logs", "-f"]]
 
 
 async def test_stop_restart_logs_and_shell(docker_log):
@@ -120,14 +163,14 @@ async def test_stop_restart_logs_and_shell(docker_log):
 
 
 async def test_a_failing_compose_is_reported(docker_log):
-    code, _, _ = await cli("stack", "start", "--profile", "cpu",
-                           env=fake_env(docker_log, FAKE_DOCKER_EXIT="17"))
+    code, _, _ = await cli(
+        "stack", "start", "--profile", "cpu", env=fake_env(docker_log, FAKE_DOCKER_EXIT="17")
+    )
     assert code == 17
 
 
 async def test_start_without_docker_explains(tmp_path):
-    code, _, err = await cli("stack", "start", "--profile", "cpu",
-                             env={"PATH": str(tmp_path)})
+    code, _, err = await cli("stack", "start", "--profile", "cpu", env={"PATH": str(tmp_path)})
     assert code == 2 and "docker is not installed" in err
 
 
@@ -142,8 +185,11 @@ async def test_status_and_health_against_real_servers():
     tts = TtsService(TtsSettings(port=0), ToneTtsBackendDouble())
     llm = LlmService(LlmSettings(port=0, max_streams=3), ScriptedLlmBackendDouble(REPLY))
     async with running(asr) as a, running(tts) as t, running(llm) as m:
-        env = {"NVIDIA_ASR_URL": f"127.0.0.1:{a.port}", "NVIDIA_TTS_URL": f"127.0.0.1:{t.port}",
-               "NVIDIA_LLM_URL": f"127.0.0.1:{m.port}"}
+        env = {
+            "NVIDIA_ASR_URL": f"127.0.0.1:{a.port}",
+            "NVIDIA_TTS_URL": f"127.0.0.1:{t.port}",
+            "NVIDIA_LLM_URL": f"127.0.0.1:{m.port}",
+        }
         code, out, err = await cli("stack", "status", env=env)
         assert code == 0, out + err
         lines = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
@@ -154,9 +200,11 @@ async def test_status_and_health_against_real_servers():
 
 
 async def test_status_and_health_report_servers_that_are_down():
-    env = {"NVIDIA_ASR_URL": f"127.0.0.1:{_free_port()}",
-           "NVIDIA_TTS_URL": f"127.0.0.1:{_free_port()}",
-           "NVIDIA_LLM_URL": f"127.0.0.1:{_free_port()}"}
+    env = {
+        "NVIDIA_ASR_URL": f"127.0.0.1:{_free_port()}",
+        "NVIDIA_TTS_URL": f"127.0.0.1:{_free_port()}",
+        "NVIDIA_LLM_URL": f"127.0.0.1:{_free_port()}",
+    }
     code, out, _ = await cli("stack", "status", "--timeout", "0.5", env=env)
     assert code == 1
     assert [line.split()[2] for line in out.splitlines()[1:]] == ["DOWN"] * 3
