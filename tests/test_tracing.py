@@ -297,3 +297,45 @@ def test_trace_report_reads_a_recorded_file_and_draws_a_timeline(tmp_path):
     assert lines["llm"][1:3] == ["3", "180.0"]
     assert lines["end_to_end"][1:3] == ["3", "590.0"]  # 500 ms offset + 90 ms first audio
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_prometheus_endpoint_serves_the_ttfb_histograms():
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    env = {**os.environ, "NEMOTRON_PROMETHEUS_PORT": str(metrics_port)}
+    process, port = await _start("asr", env)
+    try:
+        await asyncio.sleep(0.5)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            requests = [
+                asr_pb2.StreamingRecognizeRequest(
+                    config=asr_pb2.RecognitionConfig(sample_rate_hz=16000)
+                )
+            ]
+            requests += [asr_pb2.StreamingRecognizeRequest(audio=f) for f in frames(tone_pcm(0.2))]
+            requests.append(
+                asr_pb2.StreamingRecognizeRequest(finalize=asr_pb2.Finalize(utterance_id="u"))
+            )
+            call = asr_pb2_grpc.AsrServiceStub(channel).StreamingRecognize(iter(requests))
+            _ = [r async for r in call]
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                return str(reply.read().decode())
+
+        text = await asyncio.to_thread(scrape)
+        assert "nemotron_asr_ttfb" in text
+        count = re.search(r"nemotron_asr_ttfb_milliseconds_count\{[^}]*\} (\d+)", text)
+        assert count is not None and int(count.group(1)) == 1, text[-2000:]
+    finally:
+        process.terminate()
+        process.wait(15)
+        assert process.stderr is not None
+        process.stderr.close()

@@ -44,7 +44,7 @@ def tracing_requested(env: Mapping[str, str] = os.environ) -> bool:
 
 @dataclass
 class Telemetry:
-    """What a server records. `enabled` is checked before any span work."""
+    """What a server records. `enabled` (spans or metrics are on) is checked before any work."""
 
     enabled: bool = False
     record_content: bool = False
@@ -163,6 +163,7 @@ def _configure_metrics(telemetry: Telemetry, resource: Any, port: int) -> None:
         telemetry.histograms[metric] = meter.create_histogram(
             metric, unit="ms", description="time to first byte of the stage"
         )
+    telemetry.enabled = True  # with tracing off, the tracer stays a no-op
     log.info("Prometheus metrics on 127.0.0.1:%d/metrics", port)
 
 
