@@ -22,9 +22,14 @@ from services.asr.backend import (
 from services.asr.settings import AsrSettings
 from services.runtime import trace_types as names
 from services.runtime.audio import FloatAudio, PcmAssembler, StreamResampler, duration_ms
-from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_errors
+from services.runtime.errors import InvalidArgument, rpc_errors
 from services.runtime.ids import check_client_id, new_id
 from services.runtime.languages import resolve_language
+from services.runtime.protocol import (
+    first_request_required,
+    opening_request_repeated,
+    unknown_request,
+)
 from services.runtime.service import MeshService
 from services.runtime.streams import Duplex, StreamQueue
 from services.runtime.telemetry import Telemetry, context_from
@@ -56,23 +61,11 @@ class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
     service_name = asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name
     telemetry_name = "nemotron-asr"
     backend: AsrBackend
+    add_to_server = staticmethod(asr_pb2_grpc.add_AsrServiceServicer_to_server)
 
     def __init__(self, settings: AsrSettings, backend: AsrBackend) -> None:
-        super().__init__(settings)
+        super().__init__(settings, backend)
         self.asr_settings = settings
-        self.backend = backend
-
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add the AsrService servicer to `server`."""
-        asr_pb2_grpc.add_AsrServiceServicer_to_server(self, server)
-
-    async def load(self) -> None:
-        """Load and warm up the backend."""
-        await self.backend.load()
-
-    async def aclose(self) -> None:
-        """Release the backend."""
-        await self.backend.aclose()
 
     @rpc_errors
     async def StreamingRecognize(
@@ -137,10 +130,7 @@ class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
     def _configure(self, first: Request) -> tuple[StreamOptions, int]:
         kind = first.WhichOneof("request")
         if kind != "config":
-            raise FailedPrecondition(
-                f"the first request must be a config, got {kind or 'an empty request'}; "
-                "send RecognitionConfig before audio or finalize"
-            )
+            raise first_request_required("config", kind, "audio or finalize")
         config = first.config
         if config.sample_rate_hz not in SUPPORTED_SAMPLE_RATES:
             raise InvalidArgument(
@@ -297,15 +287,9 @@ class _RequestReader:
                     utterance_id, soft, events, trace_context=dict(request.finalize.trace_context)
                 )
             elif kind == "config":
-                raise FailedPrecondition(
-                    "config was already sent; send it once, as the first request"
-                )
+                raise opening_request_repeated("config")
             else:
-                raise InvalidArgument(
-                    "request has no known field set (a newer client?); "
-                    "send config, audio or finalize",
-                    field="request",
-                )
+                raise unknown_request("config, audio or finalize")
         if self.stream_samples > self.utterance_start:
             await self._finalize("", FinalizeKind.END_OF_STREAM, events)
         events.close()

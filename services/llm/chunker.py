@@ -96,7 +96,9 @@ class SentenceChunker:
     def _last_cut(self, pattern: re.Pattern[str], min_tokens: int) -> int:
         """The latest boundary of `pattern` that still leaves at least `min_tokens` before it."""
         # A cut must leave some visible text before it, or the chunk would be only whitespace.
-        cuts = [m.end(1) for m in pattern.finditer(self._buffer) if self._tokens_before(m.end(1))]
+        cuts = [
+            m.end(1) for m in pattern.finditer(self._buffer) if self._buffer[: m.end(1)].strip()
+        ]
         good = [cut for cut in cuts if self._tokens_before(cut) >= min_tokens]
         return (good or cuts or [0])[-1]
 

@@ -14,7 +14,8 @@ from nemotron.speech.v1 import common_pb2, llm_pb2
 from services.llm.backend import FinishReason, GenerationRequest, GenerationStats, LlmBackend
 from services.llm.chunker import Chunk, ChunkPolicy, SentenceChunker
 from services.runtime import trace_types as names
-from services.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.runtime.errors import DeadlineExceeded, FailedPrecondition
+from services.runtime.protocol import opening_request_repeated, unknown_request
 from services.runtime.streams import Duplex, cancel_and_wait
 from services.runtime.telemetry import Telemetry, context_from
 
@@ -88,13 +89,9 @@ class Generation:
                 await self.cancel()
                 return
             elif kind == "start":
-                raise FailedPrecondition("start was already sent; one call generates one answer")
+                raise opening_request_repeated("start")
             else:
-                raise InvalidArgument(
-                    "request has no known field set (a newer client?); "
-                    "send start, continue_generation or cancel",
-                    field="request",
-                )
+                raise unknown_request("start, continue_generation or cancel")
         # No continue can arrive after a half-close, so waiting for one would only stall.
         self.continued_through = 1 << 31
         self.released.set()

@@ -12,7 +12,8 @@ from services.llm.backend import LlmBackend
 from services.llm.generation import Generation, Request, Response
 from services.llm.settings import LlmSettings
 from services.llm.validation import chunk_policy, generation_request
-from services.runtime.errors import FailedPrecondition, rpc_errors
+from services.runtime.errors import rpc_errors
+from services.runtime.protocol import first_request_required
 from services.runtime.service import MeshService
 from services.runtime.streams import Duplex
 
@@ -28,23 +29,11 @@ class LlmService(MeshService, llm_pb2_grpc.LlmServiceServicer):
     service_name = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
     telemetry_name = "nemotron-llm"
     backend: LlmBackend
+    add_to_server = staticmethod(llm_pb2_grpc.add_LlmServiceServicer_to_server)
 
     def __init__(self, settings: LlmSettings, backend: LlmBackend) -> None:
-        super().__init__(settings)
+        super().__init__(settings, backend)
         self.llm_settings = settings
-        self.backend = backend
-
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add the LlmService servicer to `server`."""
-        llm_pb2_grpc.add_LlmServiceServicer_to_server(self, server)
-
-    async def load(self) -> None:
-        """Load and warm up the backend."""
-        await self.backend.load()
-
-    async def aclose(self) -> None:
-        """Release the backend."""
-        await self.backend.aclose()
 
     @rpc_errors
     async def GenerateChunks(
@@ -58,9 +47,7 @@ class LlmService(MeshService, llm_pb2_grpc.LlmServiceServicer):
                 return
             kind = first.WhichOneof("request")
             if kind != "start":
-                raise FailedPrecondition(
-                    f"the first request must be start, got {kind or 'an empty request'}"
-                )
+                raise first_request_required("start", kind, "continue_generation or cancel")
             request = generation_request(first.start, self.llm_settings)
             generation = Generation(
                 self.backend,

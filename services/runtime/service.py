@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from abc import ABC
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import grpc
 
@@ -15,8 +15,8 @@ from services.runtime.settings import ServerSettings
 from services.runtime.telemetry import Telemetry
 
 
-class NamedBackend(Protocol):
-    """What every backend tells about itself."""
+class ModelBackend(Protocol):
+    """What every backend offers the runtime, whatever its capability."""
 
     name: str
 
@@ -25,12 +25,21 @@ class NamedBackend(Protocol):
         """Name of the loaded model (never a full path)."""
         ...
 
+    async def load(self) -> None:
+        """Load and warm up the model."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the model."""
+        ...
+
 
 class MeshService(ABC):
     """One gRPC service backed by one model backend, hosted by `MeshServer`.
 
-    Subclasses register their servicer, load their backend in `load` (the health service reports
-    NOT_SERVING until it returns), and wrap each stream in `admit()`.
+    Subclasses name their generated `add_..._to_server` function and wrap each stream in
+    `admit()`; the backend is loaded in `load` (the health service reports NOT_SERVING until it
+    returns) and released in `aclose`.
     """
 
     #: Fully qualified gRPC service name, e.g. "nemotron.speech.v1.AsrService".
@@ -38,26 +47,30 @@ class MeshService(ABC):
     #: Default OpenTelemetry service name (OTEL_SERVICE_NAME overrides it), e.g. "nemotron-asr".
     telemetry_name: ClassVar[str] = "nemotron-speech"
 
-    #: The model engine; set by each service's constructor.
-    backend: NamedBackend
+    #: The model engine.
+    backend: ModelBackend
+    #: The generated function that adds this servicer to a server.
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, backend: ModelBackend) -> None:
         self.settings = settings
+        self.backend = backend
         self.limiter = StreamLimiter(settings.max_streams)
         self.ready = False
         # Off until MeshServer configures it from the environment; spans are skipped while off.
         self.telemetry = Telemetry()
 
-    @abstractmethod
     def register(self, server: grpc.aio.Server) -> None:
         """Add the servicer to `server`."""
+        type(self).add_to_server(self, server)
 
-    @abstractmethod
     async def load(self) -> None:
         """Load and warm up the model; called once after the server starts listening."""
+        await self.backend.load()
 
-    async def aclose(self) -> None:  # noqa: B027  (optional hook; most services have nothing)
+    async def aclose(self) -> None:
         """Release the model; called once after the server stopped."""
+        await self.backend.aclose()
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:

@@ -9,12 +9,12 @@ import grpc
 
 from nemotron.speech.v1 import common_pb2, tts_pb2, tts_pb2_grpc
 from services.runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     rpc_errors,
     unary_rpc_errors,
 )
 from services.runtime.languages import resolve_language
+from services.runtime.protocol import first_request_required
 from services.runtime.service import MeshService
 from services.runtime.streams import Duplex
 from services.tts.backend import TtsBackend, Voice
@@ -39,23 +39,11 @@ class TtsService(MeshService, tts_pb2_grpc.TtsServiceServicer):
     service_name = tts_pb2.DESCRIPTOR.services_by_name["TtsService"].full_name
     telemetry_name = "nemotron-tts"
     backend: TtsBackend
+    add_to_server = staticmethod(tts_pb2_grpc.add_TtsServiceServicer_to_server)
 
     def __init__(self, settings: TtsSettings, backend: TtsBackend) -> None:
-        super().__init__(settings)
+        super().__init__(settings, backend)
         self.tts_settings = settings
-        self.backend = backend
-
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add the TtsService servicer to `server`."""
-        tts_pb2_grpc.add_TtsServiceServicer_to_server(self, server)
-
-    async def load(self) -> None:
-        """Load and warm up the backend."""
-        await self.backend.load()
-
-    async def aclose(self) -> None:
-        """Release the backend."""
-        await self.backend.aclose()
 
     @rpc_errors
     async def Synthesize(
@@ -100,10 +88,7 @@ class TtsService(MeshService, tts_pb2_grpc.TtsServiceServicer):
     def _configure(self, first: Request) -> CallConfig:
         kind = first.WhichOneof("request")
         if kind != "config":
-            raise FailedPrecondition(
-                f"the first request must be a config, got {kind or 'an empty request'}; "
-                "send SynthesisConfig before text, close or cancel"
-            )
+            raise first_request_required("config", kind, "text, close or cancel")
         config = first.config
         voice = self._voice(config.voice)
         language = resolve_language(

@@ -15,8 +15,9 @@ from opentelemetry import trace
 from nemotron.speech.v1 import common_pb2, tts_pb2
 from services.runtime import trace_types as names
 from services.runtime.audio import StreamResampler, duration_ms, float_to_pcm16
-from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.runtime.errors import InvalidArgument, ResourceExhausted
 from services.runtime.ids import check_client_id, new_id
+from services.runtime.protocol import opening_request_repeated, unknown_request
 from services.runtime.streams import Duplex, cancel_and_wait
 from services.runtime.telemetry import Telemetry, context_from
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
@@ -95,15 +96,9 @@ class SynthesisSession:
             elif kind == "close":
                 break
             elif kind == "config":
-                raise FailedPrecondition(
-                    "config was already sent; send it once, as the first request"
-                )
+                raise opening_request_repeated("config")
             else:
-                raise InvalidArgument(
-                    "request has no known field set (a newer client?); "
-                    "send config, text, close or cancel",
-                    field="request",
-                )
+                raise unknown_request("config, text, close or cancel")
         self.closing = True
         self.wake.set()
 
