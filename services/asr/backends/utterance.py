@@ -1,0 +1,100 @@
+"""The audio of one utterance, in a buffer of fixed capacity, with an energy gate.
+
+The servicer finalizes utterances at `max_utterance_s`, so a buffer of that capacity (plus the
+resampler's tail) never overflows in practice; if it does, the oldest audio is dropped rather
+than memory growing. The energy gate marks where the last voiced 20 ms frame ends, which tells a
+recognizer that an utterance is silence only (answer empty text, no decode that could
+hallucinate) and that audio after a decoded prefix is silence (the prefix's text still holds).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from services.runtime.audio import FloatAudio
+
+log = logging.getLogger(__name__)
+
+#: Frames quieter than this RMS (about -46 dBFS) count as silence.
+SILENCE_RMS = 0.005
+_FRAME_S = 0.02
+
+
+class UtteranceAudio:
+    """Append-only audio of the current utterance, bounded to `capacity_s` seconds."""
+
+    def __init__(self, capacity_s: float, sample_rate_hz: int = 16000) -> None:
+        self.sample_rate_hz = sample_rate_hz
+        self._buffer = np.zeros(max(1, round(capacity_s * sample_rate_hz)), dtype=np.float32)
+        self._frame = round(_FRAME_S * sample_rate_hz)
+        self._size = 0
+        self.dropped = 0  # samples dropped from the front after an overflow
+        self.voiced_end = 0  # end of the last voiced frame, in samples of the buffer
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def duration_ms(self) -> float:
+        """Length of the audio held, in milliseconds."""
+        return 1000.0 * self._size / self.sample_rate_hz
+
+    @property
+    def voiced(self) -> bool:
+        """True once any frame rose above the energy gate."""
+        return self.voiced_end > 0
+
+    def append(self, samples: FloatAudio) -> None:
+        """Add audio at the end (dropping the oldest audio if the buffer is full)."""
+        capacity = self._buffer.size
+        if samples.size >= capacity:
+            self._drop(self._size)
+            samples = samples[-capacity:]
+        elif self._size + samples.size > capacity:
+            self._drop(self._size + samples.size - capacity)
+        start = self._size
+        self._buffer[start : start + samples.size] = samples
+        self._size += samples.size
+        self._gate(max(0, start - start % self._frame))
+
+    def silent_after(self, position: int) -> bool:
+        """True when nothing after sample `position` rose above the energy gate."""
+        return self.voiced_end <= position
+
+    def snapshot(self) -> FloatAudio:
+        """A copy of the audio held (safe to hand to another thread)."""
+        return self._buffer[: self._size].copy()
+
+    def clear(self) -> None:
+        """Start a new utterance."""
+        self._size = 0
+        self.voiced_end = 0
+        self.dropped = 0
+
+    def _drop(self, count: int) -> None:
+        if count <= 0:
+            return
+        log.warning("utterance buffer full; dropping %d ms of its oldest audio", count // 16)
+        self._buffer[: self._size - count] = self._buffer[count : self._size]
+        self._size -= count
+        self.dropped += count
+        self.voiced_end = max(0, self.voiced_end - count)
+
+    def _gate(self, start: int) -> None:
+        """Update `voiced_end` for the frames from `start` (a frame boundary) on."""
+        frames = (self._size - start) // self._frame
+        if frames <= 0:
+            tail = self._buffer[start : self._size]
+            if tail.size and float(np.sqrt(np.mean(tail**2))) > SILENCE_RMS:
+                self.voiced_end = self._size
+            return
+        block = self._buffer[start : start + frames * self._frame].reshape(frames, self._frame)
+        rms = np.sqrt(np.mean(block**2, axis=1))
+        loud = np.flatnonzero(rms > SILENCE_RMS)
+        if loud.size:
+            self.voiced_end = max(self.voiced_end, start + (int(loud[-1]) + 1) * self._frame)
+        rest = self._buffer[start + frames * self._frame : self._size]
+        if rest.size and float(np.sqrt(np.mean(rest**2))) > SILENCE_RMS:
+            self.voiced_end = self._size

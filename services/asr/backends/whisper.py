@@ -1,0 +1,289 @@
+"""Whisper on the CPU through faster-whisper (CTranslate2, int8): the default ASR backend.
+
+Whisper is not a streaming model, so a stream re-decodes its growing utterance. The cadence
+adapts to load by construction: a stream has at most one interim decode queued or running, and
+when it ends the next one takes all the audio that arrived meanwhile (a decode is skipped, the
+stream never falls behind). All streams share one decode thread (`DecodePool`), where the decode
+that answers a finalize jumps ahead of every interim one.
+
+Two shortcuts keep finalize latency low without changing the text: an utterance whose audio
+never rose above the energy gate is answered with empty text without a decode (Whisper would
+otherwise hallucinate "you" on silence), and when everything after the last decoded prefix is
+silence (the client's VAD waited for the pause before finalizing) that decode's text is the
+answer. Otherwise the finalize waits for one decode of the whole utterance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Self
+
+import numpy as np
+
+from services.asr.backend import (
+    AsrBackend,
+    AudioEvent,
+    FinalizeEvent,
+    Hypothesis,
+    RecognizerEvent,
+    StreamOptions,
+)
+from services.asr.backends.decode_pool import DecodePool, Priority
+from services.asr.backends.utterance import UtteranceAudio
+from services.asr.backends.whisper_models import WhisperWeights, resolve_weights
+from services.asr.settings import AsrSettings
+from services.runtime.audio import FloatAudio
+from services.runtime.streams import StreamQueue
+
+try:
+    from faster_whisper import WhisperModel  # type: ignore[import-untyped]
+    from faster_whisper.tokenizer import (  # type: ignore[import-untyped]
+        _LANGUAGE_CODES as WHISPER_LANGUAGES,
+    )
+except ImportError as err:  # pragma: no cover - a core dependency
+    raise ImportError(
+        "the whisper backend needs faster-whisper: pip install nemotron-speech-mesh"
+    ) from err
+
+log = logging.getLogger(__name__)
+# faster-whisper logs every call at INFO ("Processing audio with duration ..."): noise in ours.
+logging.getLogger("faster_whisper").setLevel(logging.WARNING)
+
+SAMPLE_RATE = 16000
+#: New audio an utterance needs before another interim decode is worth its CPU.
+INTERIM_STEP_S = 0.25
+#: Stability of interim results: Whisper may rewrite any word until the final decode.
+INTERIM_STABILITY = 0.5
+#: Whisper's no-speech rule: a segment is dropped when the model thinks it is not speech.
+NO_SPEECH_THRESHOLD = 0.6
+LOG_PROB_THRESHOLD = -1.0
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    text: str
+    samples: int  # how much of the utterance the text covers
+
+
+class WhisperAsrBackend(AsrBackend):
+    """Whisper (tiny.en by default) on CTranslate2, re-decoding each utterance as it grows."""
+
+    name = "whisper"
+
+    def __init__(
+        self,
+        weights: WhisperWeights,
+        cpu_threads: int = 0,
+        beam_size: int = 1,
+        device: str = "auto",
+        max_utterance_s: float = 30.0,
+    ) -> None:
+        self.weights = weights
+        self.cpu_threads = cpu_threads or min(os.cpu_count() or 1, 8)
+        self.beam_size = beam_size
+        self.device = device
+        self.max_utterance_s = max_utterance_s
+        self._model: WhisperModel | None = None
+        self._pool: DecodePool[_Decoded] | None = None
+        self._languages: tuple[str, ...] = ("en",)
+
+    @classmethod
+    def from_settings(cls, settings: AsrSettings) -> Self:
+        """Whisper weights named by `settings.model`; fails early if they are not installed."""
+        return cls(
+            resolve_weights(settings.model),
+            cpu_threads=settings.cpu_threads,
+            beam_size=settings.beam_size,
+            device=settings.device,
+            max_utterance_s=settings.max_utterance_s,
+        )
+
+    @property
+    def model_name(self) -> str:
+        """E.g. "whisper-tiny.en"."""
+        return self.weights.name
+
+    @property
+    def languages(self) -> Sequence[str]:
+        """English for the .en models; Whisper's languages (English first) otherwise."""
+        return self._languages
+
+    async def load(self) -> None:
+        """Load the weights and decode a second of audio so the first stream is not slow."""
+        model = await asyncio.to_thread(self._load_model)
+        self._model = model
+        if model.model.is_multilingual:
+            self._languages = ("en", *(code for code in WHISPER_LANGUAGES if code != "en"))
+        self._pool = DecodePool("whisper")
+        t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+        warm_up = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        await self._pool.run(Priority.FINAL, lambda: lambda: self._decode(warm_up, "en"))
+        log.info(
+            "%s loaded (%d threads, beam %d)", self.model_name, self.cpu_threads, self.beam_size
+        )
+
+    async def aclose(self) -> None:
+        """Stop the decode thread and release the model."""
+        if self._pool is not None:
+            self._pool.close()
+        self._pool = None
+        self._model = None
+
+    def recognize(
+        self, options: StreamOptions, events: StreamQueue[RecognizerEvent]
+    ) -> AsyncGenerator[Hypothesis, None]:
+        """Re-decode the growing utterance for interims; one decode (or none) per finalize."""
+        return _WhisperStream(self, options).run(events)
+
+    async def decode(
+        self, priority: Priority, snapshot: Callable[[], FloatAudio], language: str
+    ) -> _Decoded:
+        """Decode the audio that `snapshot()` returns once the shared decode thread is free."""
+        if self._pool is None:
+            raise RuntimeError("the whisper backend is not loaded")
+
+        def job() -> Callable[[], _Decoded]:
+            audio = snapshot()
+            return lambda: self._decode(audio, language)
+
+        return await self._pool.run(priority, job)
+
+    def _load_model(self) -> WhisperModel:
+        folder = self.weights.materialize()
+        device = self.device
+        if device == "auto":
+            device = "cpu"  # the embedded default; --device cuda opts into the GPU
+        return WhisperModel(
+            str(folder),
+            device=device,
+            compute_type="int8" if device == "cpu" else "default",
+            cpu_threads=self.cpu_threads,
+            num_workers=1,
+            local_files_only=True,
+        )
+
+    def _decode(self, audio: FloatAudio, language: str) -> _Decoded:
+        """Blocking: the text of `audio`, greedy and without Whisper's slow fallbacks."""
+        assert self._model is not None
+        segments, _ = self._model.transcribe(
+            audio,
+            language=language,
+            beam_size=self.beam_size,
+            temperature=0.0,  # no temperature fallback: one decode per call
+            condition_on_previous_text=False,
+            without_timestamps=True,
+            no_speech_threshold=NO_SPEECH_THRESHOLD,
+            log_prob_threshold=LOG_PROB_THRESHOLD,
+            vad_filter=False,  # the energy gate and the no-speech rule handle silence
+        )
+        text = " ".join(segment.text.strip() for segment in segments).strip()
+        return _Decoded(text, audio.size)
+
+
+class _WhisperStream:
+    """The recognizer of one stream: its utterance, its latest text, its interim decode."""
+
+    def __init__(self, backend: WhisperAsrBackend, options: StreamOptions) -> None:
+        self.backend = backend
+        self.options = options
+        # The servicer cuts utterances at max_utterance_s; a second more holds the resampler tail.
+        self.audio = UtteranceAudio(backend.max_utterance_s + 1.0, SAMPLE_RATE)
+        self.text = ""  # text of the latest decode of this utterance
+        self.covered = 0  # samples of the utterance that text covers
+        self.interim: asyncio.Task[_Decoded] | None = None
+
+    async def run(self, events: StreamQueue[RecognizerEvent]) -> AsyncGenerator[Hypothesis, None]:
+        """The recognizer loop (see the module docstring)."""
+        try:
+            while True:
+                batch = events.get_nowait_all() or await self._wait(events)
+                if batch is None:
+                    return
+                for event in batch:
+                    if isinstance(event, AudioEvent):
+                        self.audio.append(event.samples)
+                    else:
+                        yield await self._answer(event)
+                if self.interim is not None and self.interim.done():
+                    yield self._take_interim()
+                self._start_interim()
+        finally:
+            if self.interim is not None and not self.interim.done():
+                self.interim.cancel()
+                await asyncio.wait({self.interim})
+
+    async def _wait(self, events: StreamQueue[RecognizerEvent]) -> list[RecognizerEvent] | None:
+        """The next events, or [] when the interim decode finished first; None at the end."""
+        if self.interim is None:
+            event = await _next_event(events)
+            return None if event is None else [event]
+        getter = asyncio.ensure_future(_next_event(events))
+        try:
+            await asyncio.wait({getter, self.interim}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+                await asyncio.wait({getter})
+        if getter.cancelled():
+            return []
+        event = getter.result()
+        return None if event is None else [event]
+
+    def _start_interim(self) -> None:
+        if (
+            not self.options.interim_results
+            or self.interim is not None
+            or len(self.audio) - self.covered < INTERIM_STEP_S * SAMPLE_RATE
+            or self.audio.silent_after(self.covered)  # nothing new to hear
+        ):
+            return
+        self.interim = asyncio.create_task(
+            self.backend.decode(Priority.INTERIM, self.audio.snapshot, self.options.language),
+            name=f"{self.options.session_id}-interim",
+        )
+
+    def _take_interim(self) -> Hypothesis:
+        assert self.interim is not None
+        decoded = self.interim.result()
+        self.interim = None
+        self._learn(decoded)
+        return Hypothesis(
+            self.text, 1000.0 * self.covered / SAMPLE_RATE, stability=INTERIM_STABILITY
+        )
+
+    async def _answer(self, finalize: FinalizeEvent) -> Hypothesis:
+        if self.interim is not None:
+            decoded = await self.interim  # may already cover everything that was said
+            self.interim = None
+            self._learn(decoded)
+        if not self.audio.voiced:
+            text = ""
+        elif self.audio.silent_after(self.covered):
+            text = self.text
+        else:
+            decoded = await self.backend.decode(
+                Priority.FINAL, self.audio.snapshot, self.options.language
+            )
+            self._learn(decoded)
+            text = decoded.text
+        stability = INTERIM_STABILITY if finalize.soft else 1.0
+        answer = Hypothesis(text, self.audio.duration_ms, answers=finalize, stability=stability)
+        if not finalize.soft:
+            self.audio.clear()
+            self.text, self.covered = "", 0
+        return answer
+
+    def _learn(self, decoded: _Decoded) -> None:
+        if decoded.samples >= self.covered:
+            self.text, self.covered = decoded.text, decoded.samples
+
+
+async def _next_event(events: StreamQueue[RecognizerEvent]) -> RecognizerEvent | None:
+    try:
+        return await events.get()
+    except StopAsyncIteration:
+        return None

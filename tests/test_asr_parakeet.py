@@ -1,0 +1,316 @@
+"""The NeMo cache-aware streaming backend, on the CPU, with a tiny FastConformer-RNNT.
+
+The model is built from a config with random weights (no download). What is checked: our
+incremental features equal the offline preprocessor's; our streaming path (incremental features,
+chunking, per-stream caches, batching) gives exactly the tokens of NeMo's own cache-aware
+streaming loop over the same audio and attention context, alone and batched with other streams.
+
+Not checked against the offline encoder forward: NeMo's streaming step itself differs from it
+slightly at the utterance start (the zero pre-encode cache against the causal subsampling's
+zero padding), which with random weights flips near-tie tokens; a trained model hides this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc
+from services.asr.backend import (
+    AudioEvent,
+    FinalizeEvent,
+    FinalizeKind,
+    Hypothesis,
+    RecognizerEvent,
+    StreamOptions,
+    silence,
+)
+from services.asr.servicer import AsrService
+from services.asr.settings import AsrSettings
+from services.runtime.audio import float_to_pcm16
+from services.runtime.streams import StreamQueue
+from tests.conftest import channel_to, running
+from tests.helpers import frames, read_all
+
+pytest.importorskip("nemo.collections.asr")
+
+import torch
+from omegaconf import OmegaConf
+
+from services.asr.backends.parakeet import ParakeetAsrBackend
+from services.asr.backends.parakeet_stream import IncrementalFeatures
+
+pytestmark = [
+    pytest.mark.nemo,
+    pytest.mark.slow,
+    # NeMo and its dependencies warn on import and on model construction (deprecations in
+    # lightning, megatron and numba, "CUDA is not available"); none concerns our code.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+LABELS = list(" abcdefghijklmnopqrstuvwxyz'")
+CONTEXTS = [[70, 0], [70, 1], [70, 6], [70, 13]]
+
+
+def tiny_model_config() -> dict[str, Any]:
+    """A 2-layer cache-aware FastConformer-RNNT with the real model's streaming layout."""
+    hidden = 32
+    return {
+        "sample_rate": 16000,
+        "labels": LABELS,
+        "model_defaults": {"enc_hidden": hidden, "pred_hidden": hidden},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": 16000,
+            "normalize": "NA",
+            "window_size": 0.025,
+            "window_stride": 0.01,
+            "window": "hann",
+            "features": 80,
+            "n_fft": 512,
+            "log": True,
+            "frame_splicing": 1,
+            "dither": 0.0,
+            "pad_to": 0,
+            "pad_value": 0.0,
+        },
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": 80,
+            "feat_out": -1,
+            "n_layers": 2,
+            "d_model": hidden,
+            "subsampling": "dw_striding",
+            "subsampling_factor": 8,
+            "subsampling_conv_channels": 16,
+            "causal_downsampling": True,
+            "ff_expansion_factor": 2,
+            "self_attention_model": "rel_pos",
+            "n_heads": 2,
+            "att_context_size": CONTEXTS,
+            "att_context_style": "chunked_limited",
+            "xscaling": True,
+            "untie_biases": True,
+            "pos_emb_max_len": 5000,
+            "conv_kernel_size": 9,
+            "conv_norm_type": "layer_norm",
+            "conv_context_size": "causal",
+            "dropout": 0.0,
+            "dropout_pre_encoder": 0.0,
+            "dropout_emb": 0.0,
+            "dropout_att": 0.0,
+        },
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.RNNTDecoder",
+            "normalization_mode": None,
+            "random_state_sampling": False,
+            "blank_as_pad": True,
+            "vocab_size": len(LABELS),
+            "prednet": {"pred_hidden": hidden, "pred_rnn_layers": 1, "t_max": None, "dropout": 0.0},
+        },
+        "joint": {
+            "_target_": "nemo.collections.asr.modules.RNNTJoint",
+            "log_softmax": None,
+            "preserve_memory": False,
+            "fuse_loss_wer": False,
+            "num_classes": len(LABELS),
+            "vocabulary": LABELS,
+            "jointnet": {
+                "encoder_hidden": hidden,
+                "pred_hidden": hidden,
+                "joint_hidden": hidden,
+                "activation": "relu",
+                "dropout": 0.0,
+            },
+        },
+        "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": 3}},
+        "loss": {"loss_name": "default"},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Any:
+    from nemo.collections.asr.models import EncDecRNNTModel
+
+    torch.manual_seed(0)
+    model = EncDecRNNTModel(cfg=OmegaConf.create(tiny_model_config()))
+    # Random weights emit mostly blanks; lift the joint's non-blank outputs so that the
+    # comparisons below are over real token sequences.
+    with torch.no_grad():
+        model.joint.joint_net[-1].bias[:-1] += 3.0
+    return model.eval()
+
+
+def audio_of(seed: int, seconds: float, right_context: int = 1) -> np.ndarray:
+    """Speech-like test audio: noise bursts with pauses (the tokens depend on every sample).
+
+    Its length is rounded so that, with the finalize padding, it fills whole chunks: NeMo's
+    reference loop drops a trailing part-chunk, which ours decodes (as the offline pass does).
+    """
+    first, size = 1 + 8 * right_context, 8 * (right_context + 1)  # mel frames per chunk
+    chunks = max(1, round((seconds * 100 - first) / size))
+    n = 160 * (first + size * chunks) - 1280 * (right_context + 1)
+    rng = np.random.default_rng(seed)
+    envelope = np.repeat(rng.uniform(0, 1, size=n // 1600 + 1) > 0.3, 1600)[:n]
+    samples = 0.2 * rng.standard_normal(n) * envelope
+    return (np.round(samples * 32768) / 32768).astype(np.float32)  # exact as LINEAR16
+
+
+def reference_text(model: Any, audio: np.ndarray, right_context: int) -> str:
+    """NeMo's own cache-aware streaming loop over `audio` plus the finalize padding.
+
+    This is the loop of NeMo's speech_to_text_cache_aware_streaming_infer example: the offline
+    preprocessor over the whole utterance, CacheAwareStreamingAudioBuffer, conformer_stream_step.
+    """
+    from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
+
+    model.encoder.set_default_att_context_size([70, right_context])
+    padded = np.concatenate([audio, silence(0.08 * (right_context + 1), 16000)])
+    with torch.inference_mode():
+        signal = torch.from_numpy(padded)[None]
+        features, length = model.preprocessor(
+            input_signal=signal, length=torch.tensor([padded.size])
+        )
+        buffer = CacheAwareStreamingAudioBuffer(model=model, online_normalization=False)
+        buffer.append_processed_signal(features[:, :, : int(length[0])])
+        channel, time, channel_len = model.encoder.get_initial_cache_state(batch_size=1)
+        hypotheses = None
+        for step, (chunk, chunk_len) in enumerate(iter(buffer)):
+            result = model.conformer_stream_step(
+                processed_signal=chunk,
+                processed_signal_length=chunk_len,
+                cache_last_channel=channel,
+                cache_last_time=time,
+                cache_last_channel_len=channel_len,
+                keep_all_outputs=buffer.is_buffer_empty(),
+                previous_hypotheses=hypotheses,
+                drop_extra_pre_encoded=0 if step == 0 else None,
+                return_transcription=True,
+            )
+            _, hypotheses, channel, time, channel_len, _ = result[:6]
+    return str(hypotheses[0].text)
+
+
+async def loaded(model: Any, right_context: int) -> ParakeetAsrBackend:
+    backend = ParakeetAsrBackend(
+        "tiny.nemo", right_context=right_context, device="cpu", asr_model=model
+    )
+    await backend.load()
+    return backend
+
+
+async def recognize(
+    backend: ParakeetAsrBackend, audio: np.ndarray, piece: int, soft_at: int | None = None
+) -> list[Hypothesis]:
+    """Feed `audio` in pieces of `piece` samples, then a hard finalize; the answers."""
+    events: StreamQueue[RecognizerEvent] = StreamQueue(8)
+
+    async def feed() -> None:
+        for index, start in enumerate(range(0, audio.size, piece)):
+            await events.put(AudioEvent(audio[start : start + piece]))
+            if index == soft_at:
+                await events.put(FinalizeEvent("soft", FinalizeKind.SOFT))
+        await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
+        events.close()
+
+    feeder = asyncio.create_task(feed())
+    answers = [
+        h async for h in backend.recognize(StreamOptions("s", "en", False), events) if h.answers
+    ]
+    await feeder
+    return answers
+
+
+def test_incremental_features_equal_the_offline_features(tiny_model):
+    audio = audio_of(1, 1.37)
+    features = IncrementalFeatures(tiny_model.preprocessor, torch.device("cpu"))
+    pieces = [features.push(audio[i : i + 333]) for i in range(0, audio.size, 333)]
+    pieces.append(features.finish())
+    streamed = torch.cat(pieces, dim=-1)
+    with torch.inference_mode():
+        offline, length = tiny_model.preprocessor(
+            input_signal=torch.from_numpy(audio)[None], length=torch.tensor([audio.size])
+        )
+    assert streamed.shape[-1] == int(length[0])
+    torch.testing.assert_close(streamed, offline[0, :, : int(length[0])], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("right_context", [0, 1, 6])
+async def test_streaming_gives_the_tokens_of_nemos_own_streaming_loop(tiny_model, right_context):
+    backend = await loaded(tiny_model, right_context)
+    try:
+        audio = audio_of(2, 2.3)
+        expected = reference_text(tiny_model, audio, right_context)
+        assert len(expected) > 5, "the tiny model should emit tokens"
+        (final,) = await recognize(backend, audio, piece=320)
+        assert final.text == expected
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_concurrent_streams_are_batched_and_each_gets_its_own_tokens(tiny_model):
+    backend = await loaded(tiny_model, 1)
+    try:
+        clips = [audio_of(seed, 1.0 + 0.4 * seed) for seed in range(3, 7)]
+        alone = [(await recognize(backend, clip, piece=320))[0].text for clip in clips]
+        batches: list[int] = []
+        forward = backend._forward
+
+        def counting(group: list[Any]) -> None:
+            batches.append(len(group))
+            forward(group)
+
+        backend._forward = counting  # type: ignore[method-assign]
+        together = await asyncio.gather(*(recognize(backend, clip, piece=320) for clip in clips))
+        assert [answers[0].text for answers in together] == alone
+        assert alone == [reference_text(tiny_model, clip, 1) for clip in clips]
+        assert max(batches) > 1, "steps of concurrent streams share forward passes"
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_soft_finalize_answers_the_current_hypothesis_and_the_utterance_goes_on(tiny_model):
+    backend = await loaded(tiny_model, 1)
+    try:
+        audio = audio_of(8, 2.0)
+        soft, hard = await recognize(backend, audio, piece=320, soft_at=50)
+        assert (soft.answers and soft.answers.soft, hard.answers and hard.answers.soft) == (
+            True,
+            False,
+        )
+        assert hard.text == reference_text(tiny_model, audio, 1)
+        assert hard.text.startswith(soft.text[: max(0, len(soft.text) - 3)])
+    finally:
+        await backend.aclose()
+
+
+@pytest.fixture
+async def nemo_stub(tiny_model) -> AsyncIterator[asr_pb2_grpc.AsrServiceStub]:
+    settings = AsrSettings(port=0, backend="nemo", max_streams=4, shutdown_grace_s=0.5)
+    backend = ParakeetAsrBackend("tiny.nemo", right_context=1, device="cpu", asr_model=tiny_model)
+    async with running(AsrService(settings, backend)) as server, channel_to(server) as channel:
+        yield asr_pb2_grpc.AsrServiceStub(channel)
+
+
+@pytest.mark.timeout(120)
+async def test_over_grpc_each_finalize_gets_the_reference_text(tiny_model, nemo_stub):
+    Req = asr_pb2.StreamingRecognizeRequest
+    first, second = audio_of(9, 1.5), audio_of(10, 1.1)
+    requests = [Req(config=asr_pb2.RecognitionConfig(sample_rate_hz=16000))]
+    for uid, clip in (("u1", first), ("u2", second)):
+        requests += [Req(audio=c) for c in frames(float_to_pcm16(clip))]
+        requests.append(Req(finalize=asr_pb2.Finalize(utterance_id=uid)))
+    responses = await read_all(nemo_stub.StreamingRecognize(iter(requests)))
+    assert responses[0].ready.backend == "nemo"
+    finals = [r.transcript for r in responses[1:] if r.transcript.is_final]
+    assert [t.utterance_id for t in finals] == ["u1", "u2"]
+    assert [t.text for t in finals] == [reference_text(tiny_model, a, 1) for a in (first, second)]

@@ -1,0 +1,265 @@
+"""The Whisper backend with its real tiny.en weights, streamed real speech through real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+
+from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc
+from services.asr.backends.decode_pool import DecodePool, Priority
+from services.asr.backends.utterance import UtteranceAudio
+from services.asr.backends.whisper import WhisperAsrBackend
+from services.asr.servicer import AsrService
+from services.asr.settings import AsrSettings
+from services.runtime.audio import float_to_pcm16
+from services.runtime.server import MeshServer
+from tests.conftest import channel_to, running
+from tests.helpers import frames, read_all, silence_pcm
+from tests.speech import speech_pcm, wer
+
+pytestmark = pytest.mark.slow
+
+Req = asr_pb2.StreamingRecognizeRequest
+
+BOOK = "Please book a table for two at seven tonight."
+WEATHER = "What is the weather like in Paris tomorrow morning?"
+LIGHTS = "Turn off the lights in the kitchen."
+# tiny.en hears most of these word for word; the bound leaves room for one slip per sentence.
+MAX_WER = 0.2
+
+
+def config(rate: int = 16000, interim: bool = False) -> Req:
+    return Req(config=asr_pb2.RecognitionConfig(sample_rate_hz=rate, interim_results=interim))
+
+
+def finalize(utterance_id: str, soft: bool = False) -> Req:
+    return Req(finalize=asr_pb2.Finalize(utterance_id=utterance_id, soft=soft))
+
+
+def audio(pcm: bytes, rate: int = 16000) -> list[Req]:
+    return [Req(audio=chunk) for chunk in frames(pcm, rate)]
+
+
+def transcripts(responses: list[asr_pb2.StreamingRecognizeResponse]) -> list[asr_pb2.Transcript]:
+    return [r.transcript for r in responses if r.WhichOneof("response") == "transcript"]
+
+
+def finals(responses: list[asr_pb2.StreamingRecognizeResponse]) -> list[asr_pb2.Transcript]:
+    return [t for t in transcripts(responses) if t.is_final or t.soft]
+
+
+async def paced(requests: list[Req], frame_s: float = 0.01) -> AsyncIterator[Req]:
+    """Send audio at about twice real time, as a microphone would (interims get their chance)."""
+    for request in requests:
+        if request.WhichOneof("request") == "audio":
+            await asyncio.sleep(frame_s)
+        yield request
+
+
+@pytest.fixture
+async def whisper_server() -> AsyncIterator[MeshServer]:
+    settings = AsrSettings(port=0, max_streams=4, max_utterance_s=6.0, shutdown_grace_s=0.5)
+    backend = WhisperAsrBackend.from_settings(settings)
+    async with running(AsrService(settings, backend)) as server:
+        yield server
+
+
+@pytest.fixture
+async def stub(whisper_server: MeshServer) -> AsyncIterator[asr_pb2_grpc.AsrServiceStub]:
+    async with channel_to(whisper_server) as channel:
+        yield asr_pb2_grpc.AsrServiceStub(channel)
+
+
+@pytest.mark.timeout(90)
+async def test_streamed_speech_gets_interims_and_one_final_per_finalize(stub):
+    requests = [
+        config(interim=True),
+        *audio(speech_pcm(BOOK)),
+        finalize("u1"),
+        *audio(speech_pcm(WEATHER)),
+        finalize("u2"),
+    ]
+    responses = await read_all(stub.StreamingRecognize(paced(requests)))
+    ready = responses[0].ready
+    assert (ready.model, ready.backend, ready.language) == ("whisper-tiny.en", "whisper", "en")
+    results = transcripts(responses)
+    done = [t for t in results if t.is_final]
+    assert [t.utterance_id for t in done] == ["u1", "u2"]
+    assert wer(BOOK, done[0].text) <= MAX_WER, done[0].text
+    assert wer(WEATHER, done[1].text) <= MAX_WER, done[1].text
+    assert done[1].audio_start_ms == done[0].audio_end_ms
+    interims = [t for t in results if not t.is_final]
+    assert interims, "interim results were asked for"
+    assert all(not t.utterance_id and not t.soft for t in interims)
+    assert all(a.text != b.text for a, b in itertools.pairwise(interims))
+
+
+async def test_silence_and_a_quiet_room_give_empty_finals(stub):
+    rng = np.random.default_rng(1)
+    hiss = float_to_pcm16(0.002 * rng.standard_normal(16000).astype(np.float32))
+    requests = [
+        config(interim=True),
+        *audio(silence_pcm(1.5)),
+        finalize("quiet"),
+        *audio(hiss),
+        finalize("hiss"),
+    ]
+    results = transcripts(await read_all(stub.StreamingRecognize(iter(requests))))
+    assert [(t.utterance_id, t.text) for t in results] == [("quiet", ""), ("hiss", "")]
+
+
+@pytest.mark.timeout(90)
+async def test_soft_finalize_answers_the_hypothesis_and_the_utterance_goes_on(stub):
+    requests = [
+        config(),
+        *audio(speech_pcm(LIGHTS)),
+        finalize("peek", soft=True),
+        *audio(speech_pcm(BOOK)),
+        finalize("end"),
+    ]
+    soft, hard = finals(await read_all(stub.StreamingRecognize(iter(requests))))
+    assert (soft.utterance_id, soft.soft, soft.is_final) == ("peek", True, False)
+    assert wer(LIGHTS, soft.text) <= MAX_WER, soft.text
+    assert (hard.utterance_id, hard.soft, hard.is_final) == ("end", False, True)
+    assert wer(f"{LIGHTS} {BOOK}", hard.text) <= MAX_WER, hard.text
+    assert hard.audio_start_ms == 0, "a soft finalize does not end the utterance"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("rate", [8000, 48000])
+async def test_other_sample_rates_are_recognized(stub, rate):
+    requests = [config(rate), *audio(speech_pcm(WEATHER, rate), rate), finalize("r")]
+    (final,) = finals(await read_all(stub.StreamingRecognize(iter(requests))))
+    assert wer(WEATHER, final.text) <= MAX_WER, final.text
+
+
+async def test_odd_byte_counts_and_empty_chunks(stub):
+    pcm = speech_pcm(LIGHTS)
+    pieces = [Req(audio=pcm[i : i + 333]) for i in range(0, len(pcm), 333)]
+    requests = [config(), Req(audio=b""), *pieces, Req(audio=b""), finalize("odd")]
+    (final,) = finals(await read_all(stub.StreamingRecognize(iter(requests))))
+    assert wer(LIGHTS, final.text) <= MAX_WER, final.text
+
+
+@pytest.mark.timeout(90)
+async def test_long_utterance_is_cut_at_the_cap_and_nothing_is_lost(stub):
+    # The fixture caps utterances at 6 s; three sentences with pauses make about 9 s.
+    pause = silence_pcm(0.6)
+    pcm = speech_pcm(BOOK) + pause + speech_pcm(WEATHER) + pause + speech_pcm(LIGHTS)
+    requests = [config(), *audio(pcm)]  # half-close with audio pending
+    results = finals(await read_all(stub.StreamingRecognize(iter(requests))))
+    assert [t.final_reason for t in results] == [
+        asr_pb2.FINAL_REASON_MAX_DURATION,
+        asr_pb2.FINAL_REASON_END_OF_STREAM,
+    ]
+    assert results[0].audio_end_ms == 6000
+    joined = " ".join(t.text for t in results)
+    # A word cut in two at the 6 s boundary may be misheard on both sides.
+    assert wer(f"{BOOK} {WEATHER} {LIGHTS}", joined) <= 0.3, joined
+
+
+@pytest.mark.timeout(120)
+async def test_streams_do_not_affect_each_other(whisper_server, stub):
+    async def speak(text: str, uid: str) -> asr_pb2.Transcript:
+        requests = [config(interim=True), *audio(speech_pcm(text)), finalize(uid)]
+        (final,) = [
+            t
+            for t in transcripts(await read_all(stub.StreamingRecognize(paced(requests))))
+            if t.is_final
+        ]
+        return final
+
+    async def misbehave() -> grpc.StatusCode:
+        requests = [config(), *audio(speech_pcm(LIGHTS))[:40], config()]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_all(stub.StreamingRecognize(paced(requests)))
+        return caught.value.code()
+
+    async def cancel_midway() -> None:
+        call = stub.StreamingRecognize()
+        await call.write(config(interim=True))
+        await call.read()
+        for request in audio(speech_pcm(BOOK))[:80]:
+            await call.write(request)
+            await asyncio.sleep(0.01)
+        call.cancel()
+
+    book, weather, code, _ = await asyncio.gather(
+        speak(BOOK, "a"), speak(WEATHER, "b"), misbehave(), cancel_midway()
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (book.utterance_id, weather.utterance_id) == ("a", "b")
+    assert wer(BOOK, book.text) <= MAX_WER, book.text
+    assert wer(WEATHER, weather.text) <= MAX_WER, weather.text
+    # Every slot is free again, and the server still recognizes.
+    (after,) = [
+        t
+        for t in transcripts(
+            await read_all(
+                stub.StreamingRecognize(
+                    iter([config(), *audio(speech_pcm(LIGHTS)), finalize("after")])
+                )
+            )
+        )
+        if t.is_final
+    ]
+    assert wer(LIGHTS, after.text) <= MAX_WER, after.text
+    assert whisper_server.service.limiter.active == 0
+
+
+async def test_unknown_model_fails_at_start_with_a_hint():
+    from services.runtime.registry import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="CTranslate2 model folder"):
+        WhisperAsrBackend.from_settings(AsrSettings(model="/nonexistent/whisper"))
+
+
+# The two helpers the backend is built on, without the model.
+
+
+async def test_decode_pool_runs_finals_before_interims_one_at_a_time():
+    pool: DecodePool[str] = DecodePool()
+    order: list[str] = []
+    gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def job(name: str, block: bool = False):
+        def work() -> str:
+            if block:
+                asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(5)
+            order.append(name)
+            return name
+
+        return lambda: work
+
+    first = asyncio.create_task(pool.run(Priority.INTERIM, job("first", block=True)))
+    await asyncio.sleep(0.05)
+    interim = asyncio.create_task(pool.run(Priority.INTERIM, job("interim")))
+    dropped = asyncio.create_task(pool.run(Priority.INTERIM, job("dropped")))
+    final = asyncio.create_task(pool.run(Priority.FINAL, job("final")))
+    await asyncio.sleep(0.05)
+    assert pool.queued == 3
+    dropped.cancel()
+    gate.set()
+    assert await asyncio.gather(first, interim, final) == ["first", "interim", "final"]
+    assert order == ["first", "final", "interim"]
+    pool.close()
+
+
+def test_utterance_buffer_is_bounded_and_gates_silence():
+    buffer = UtteranceAudio(capacity_s=1.0)
+    buffer.append(np.zeros(8000, dtype=np.float32))
+    assert not buffer.voiced
+    loud = (0.3 * np.ones(3200)).astype(np.float32)
+    buffer.append(loud)
+    assert buffer.voiced and buffer.voiced_end == 11200
+    buffer.append(np.zeros(8000, dtype=np.float32))  # overflows: the oldest audio goes
+    assert len(buffer) == 16000 and buffer.dropped == 3200
+    assert buffer.silent_after(8000) and not buffer.silent_after(7999)
+    buffer.clear()
+    assert len(buffer) == 0 and not buffer.voiced
