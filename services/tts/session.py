@@ -121,7 +121,9 @@ class SynthesisSession:
         if self.stream_id is None:
             await self._open_stream()
         assert self.stream_id is not None
-        pieces = split_for_synthesis(normalize(segment.text), self.settings.synthesis_chunk_chars)
+        pieces = split_for_synthesis(
+            normalize(segment.text, self.config.language), self.settings.synthesis_chunk_chars
+        )
         self.queue.append(
             _Segment(
                 self.stream_id,

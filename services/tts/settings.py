@@ -30,3 +30,21 @@ class TtsSettings(ServerSettings):
     synthesis_chunk_chars: int = Field(
         400, ge=20, description="Long segments are split at sentence or clause boundaries."
     )
+    synthesis_threads: int = Field(
+        0,
+        ge=0,
+        description="Inference threads shared by all streams (bounded executor); 0: one per "
+        "CPU core.",
+    )
+    stream_first_words: int = Field(
+        6,
+        ge=0,
+        description="STREAM mode (piper): a first clause longer than this many words is cut at a "
+        "word boundary so that audio starts sooner; 0: cut only at punctuation.",
+    )
+    stream_chunk_frames: int = Field(
+        4,
+        ge=1,
+        description="STREAM mode (magpie): codec frames (about 46 ms each) decoded per audio "
+        "chunk; the first chunk comes after this many frames.",
+    )

@@ -1,0 +1,322 @@
+"""NeMo Magpie TTS (nvidia/magpie_tts_multilingual_357m) on the GPU: the `nemo` extra.
+
+Magpie is an encoder-decoder transformer that predicts codec frames autoregressively (about 46 ms
+of audio per frame); a neural audio codec turns frames into audio. NeMo's `generate_speech` runs
+the whole frame loop of a text chunk in one call, so this backend observes it per frame through
+two of the model's per-frame methods (`_check_eos_and_update_state` sees every new frame,
+`_should_terminate_loop` can end the loop), wrapped once at load. The wrappers find the running
+synthesis through a thread-local, so streams never see each other's frames.
+
+STREAM mode decodes the frames in small overlapping chunks (`FrameDecoder`): each chunk is decoded
+with a few frames of left context, and the held-back tail of one chunk is crossfaded with the head
+of the next, so the first audio comes after `stream_chunk_frames` frames with no clicks at chunk
+seams. BATCH mode decodes the whole segment at once. A cancel sets a flag that the loop checks
+between frames. Generation is serialised on one GPU thread (NeMo keeps the local transformer's
+cache on the model), and the codec's true output rate is read from the model, not assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+from services.runtime.audio import FloatAudio
+from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
+from services.tts.settings import TtsSettings
+
+try:
+    import torch
+    from nemo.collections.tts.models import MagpieTTSModel  # type: ignore[import-untyped]
+    from nemo.collections.tts.parts.utils.tts_dataset_utils import (  # type: ignore[import-untyped]
+        chunk_text_for_inference,
+        get_tokenizer_for_language,
+    )
+except ImportError as err:
+    raise ImportError(
+        f"the magpie backend needs NeMo and torch ({err}): pip install 'nemotron-speech-mesh[nemo]'"
+    ) from err
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "nvidia/magpie_tts_multilingual_357m"
+#: The baked speakers of magpie_tts_multilingual_357m, by speaker index (from its model card).
+SPEAKERS = ("john", "sofia", "aria", "jason", "leo")
+LANGUAGES = ("en", "es", "de", "fr", "vi", "it", "zh")
+#: Frames of already-emitted audio decoded again before each chunk (the codec's receptive field).
+CONTEXT_FRAMES = 2
+#: Frames whose audio is held back at the end of a chunk and crossfaded with the next one.
+OVERLAP_FRAMES = 1
+
+
+class FrameDecoder:
+    """Turns a growing sequence of codec frames into audio, chunk by chunk, with crossfades.
+
+    `decode` maps frames (codebooks x T int array) to audio; it must give the same number of
+    samples for every frame. Each chunk decodes its new frames plus `context` earlier ones,
+    emits everything but the last `overlap` frames, and holds those back to crossfade (linearly)
+    with the same frames of the next chunk. `flush` emits the rest.
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[np.ndarray], FloatAudio],
+        chunk_frames: int,
+        context: int = CONTEXT_FRAMES,
+        overlap: int = OVERLAP_FRAMES,
+    ) -> None:
+        if chunk_frames <= overlap:
+            raise ValueError("chunk_frames must exceed the overlap")
+        self.decode = decode
+        self.chunk_frames = chunk_frames
+        self.context = context
+        self.overlap = overlap
+        self.frames: list[np.ndarray] = []
+        self.decoded_to = 0  # frames covered by emitted audio or the held-back tail
+        self.tail = np.zeros(0, dtype=np.float32)
+
+    def push(self, frame: np.ndarray) -> FloatAudio | None:
+        """Add one frame (a codebook vector); audio when a chunk is complete."""
+        self.frames.append(np.asarray(frame).reshape(-1))
+        if len(self.frames) - self.decoded_to >= self.chunk_frames:
+            return self._chunk(final=False)
+        return None
+
+    def flush(self) -> FloatAudio:
+        """Audio of every frame not yet emitted (the end of the segment)."""
+        if len(self.frames) == self.decoded_to and not self.tail.size:
+            return np.zeros(0, dtype=np.float32)
+        return self._chunk(final=True)
+
+    def _chunk(self, final: bool) -> FloatAudio:
+        end = len(self.frames)
+        held = self.overlap if self.decoded_to else 0  # frames of the tail, before decoded_to
+        start = max(0, self.decoded_to - held - self.context)
+        audio = self.decode(np.stack(self.frames[start:end], axis=1))
+        per_frame = audio.size // (end - start)
+        new = audio[(self.decoded_to - held - start) * per_frame :]
+        if self.tail.size:
+            fade = min(self.tail.size, new.size)
+            ramp = np.linspace(0.0, 1.0, fade, endpoint=False, dtype=np.float32)
+            head = self.tail[:fade] * (1 - ramp) + new[:fade] * ramp
+            new = np.concatenate([head, new[fade:]])
+        keep = 0 if final else self.overlap * per_frame
+        self.tail = new[new.size - keep :] if keep else np.zeros(0, dtype=np.float32)
+        self.decoded_to = end
+        return new[: new.size - keep].astype(np.float32, copy=False)
+
+
+class _Synthesis:
+    """One running synthesis as the frame loop sees it (lives on the GPU thread)."""
+
+    def __init__(self, on_frame: Callable[[np.ndarray], None], codebook_size: int) -> None:
+        self.on_frame = on_frame
+        self.codebook_size = codebook_size
+        self.cancelled = threading.Event()
+        self.ended = False
+
+    def frames(self, codes: Any) -> None:
+        """Codes of one step, (1, codebooks, stacked frames); special tokens end the audio."""
+        for frame in codes[0].detach().cpu().numpy().T:
+            if self.ended or (frame >= self.codebook_size).any():
+                self.ended = True
+                return
+            self.on_frame(frame)
+
+
+_running = threading.local()
+
+
+class MagpieTtsBackend(TtsBackend):
+    """Magpie TTS with its five baked voices, one model shared by every stream.
+
+    Args:
+        model: A .nemo file, or a hub name (only when the hub is reachable).
+        device: "cuda", "cpu" or "auto" (CUDA when available).
+        chunk_frames: STREAM mode: frames decoded per audio chunk.
+    """
+
+    name = "magpie"
+
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", chunk_frames: int = 4):
+        self.model_ref = model or DEFAULT_MODEL
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.chunk_frames = chunk_frames
+        self._model: Any = None
+        self._rate = 0
+        self._speakers: tuple[str, ...] = SPEAKERS
+        self._gpu = ThreadPoolExecutor(1, thread_name_prefix="magpie")
+
+    @classmethod
+    def from_settings(cls, settings: TtsSettings) -> Self:
+        """The model at `settings.model` (default: the hub name) on `settings.device`."""
+        return cls(settings.model, settings.device, settings.stream_chunk_frames)
+
+    @property
+    def model_name(self) -> str:
+        """E.g. "magpie_tts_multilingual_357m"."""
+        return Path(self.model_ref).name.removesuffix(".nemo")
+
+    @property
+    def voices(self) -> Sequence[Voice]:
+        """The baked speakers, each speaking every language, at the codec's output rate."""
+        return tuple(Voice(name, LANGUAGES, self._rate) for name in self._speakers)
+
+    async def load(self) -> None:
+        """Restore the model, wrap its frame loop, read the codec rate, and warm up."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._gpu, self._load)
+        await loop.run_in_executor(self._gpu, self._generate, "Hello.", "en", 0, None)
+
+    def _load(self) -> None:
+        if Path(self.model_ref).is_file():
+            model = MagpieTTSModel.restore_from(self.model_ref, map_location=self.device)
+        else:
+            model = MagpieTTSModel.from_pretrained(self.model_ref, map_location=self.device)
+        self.attach(model)
+
+    def attach(self, model: Any) -> None:
+        """Use an already restored MagpieTTSModel (wraps its per-frame methods)."""
+        model.eval()
+        check = model._check_eos_and_update_state
+        terminate = model._should_terminate_loop
+
+        def check_and_publish(chunk_state: Any, codes: Any, *args: Any, **kwargs: Any) -> None:
+            check(chunk_state, codes, *args, **kwargs)
+            synthesis: _Synthesis | None = getattr(_running, "synthesis", None)
+            if synthesis is not None:
+                synthesis.frames(codes)
+
+        def terminate_or_cancel(*args: Any, **kwargs: Any) -> bool:
+            synthesis: _Synthesis | None = getattr(_running, "synthesis", None)
+            if synthesis is not None and (synthesis.cancelled.is_set() or synthesis.ended):
+                return True
+            return bool(terminate(*args, **kwargs))
+
+        model._check_eos_and_update_state = check_and_publish
+        model._should_terminate_loop = terminate_or_cancel
+        self._model = model
+        # The rate the codec's decoder writes; the usual code assumes 22000 Hz.
+        self._rate = int(model.output_sample_rate)
+        baked = int(model.num_baked_speakers) if model.has_baked_context_embedding else 0
+        self._speakers = SPEAKERS[: baked or 1]
+        log.info("magpie %s on %s: %d Hz", self.model_name, self.device, self._rate)
+
+    async def aclose(self) -> None:
+        """Stop the GPU thread and drop the model."""
+        self._gpu.shutdown(wait=False, cancel_futures=True)
+        self._model = None
+
+    async def synthesize(self, job: SynthesisJob) -> AsyncGenerator[FloatAudio, None]:
+        """STREAM: audio every few frames. BATCH: the segment's audio in one piece."""
+        if self._model is None:
+            raise RuntimeError("the magpie backend is not loaded")
+        if not job.text.strip():
+            return
+        loop = asyncio.get_running_loop()
+        audio: asyncio.Queue[FloatAudio | None] = asyncio.Queue()
+        speaker = self._speakers.index(job.voice.name)
+        language = job.language.split("-")[0].lower()
+
+        def deliver(samples: FloatAudio | None) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(audio.put_nowait, samples)
+
+        stream = deliver if job.mode is SynthesisMode.STREAM else None
+        synthesis = _Synthesis(lambda frame: None, 0)
+        work = loop.run_in_executor(
+            self._gpu, self._generate, job.text, language, speaker, stream, synthesis
+        )
+        try:
+            if stream is None:
+                whole = await work
+                if whole.size:
+                    yield whole
+                return
+            # The queue is bounded by the model's max_decoder_steps: one entry per chunk.
+            while (samples := await audio.get()) is not None:
+                if samples.size:
+                    yield samples
+            await work
+        finally:
+            synthesis.cancelled.set()  # between frames, the loop ends
+
+    def _generate(
+        self,
+        text: str,
+        language: str,
+        speaker: int,
+        stream: Callable[[FloatAudio | None], None] | None,
+        synthesis: _Synthesis | None = None,
+    ) -> FloatAudio:
+        """Run on the GPU thread: text -> audio, streamed through `stream` when given."""
+        model = self._model
+        decoder = FrameDecoder(self._decode, self.chunk_frames)
+        frames: list[np.ndarray] = []
+
+        def on_frame(frame: np.ndarray) -> None:
+            if stream is None:
+                frames.append(frame)
+            elif (chunk := decoder.push(frame)) is not None:
+                stream(chunk)
+
+        running = synthesis or _Synthesis(on_frame, 0)
+        running.on_frame = on_frame
+        running.codebook_size = int(model.codebook_size)
+        _running.synthesis = running
+        try:
+            tokenizer = get_tokenizer_for_language(language, list(model.tokenizer.tokenizers))
+            tokens, lengths, _ = chunk_text_for_inference(
+                text=text,
+                language=language,
+                tokenizer_name=tokenizer,
+                text_tokenizer=model.tokenizer,
+                eos_token_id=model.eos_id,
+            )
+            state = model.create_chunk_state(batch_size=1)
+            with torch.no_grad():
+                for index, (chunk, length) in enumerate(zip(tokens, lengths, strict=True)):
+                    if running.cancelled.is_set():
+                        break
+                    running.ended = False
+                    batch = {
+                        "text": chunk.unsqueeze(0).to(model.device),
+                        "text_lens": torch.tensor([length], device=model.device),
+                        "speaker_indices": speaker,
+                    }
+                    model.generate_speech(
+                        batch,
+                        chunk_state=state,
+                        end_of_text=[index == len(tokens) - 1],
+                        beginning_of_text=index == 0,
+                        use_cfg=True,
+                        use_local_transformer_for_inference=True,
+                    )
+        finally:
+            _running.synthesis = None
+        if stream is not None:
+            if not running.cancelled.is_set():
+                stream(decoder.flush())
+            stream(None)
+            return np.zeros(0, dtype=np.float32)
+        if not frames:
+            return np.zeros(0, dtype=np.float32)
+        return self._decode(np.stack(frames, axis=1))
+
+    def _decode(self, frames: np.ndarray) -> FloatAudio:
+        """Codes (codebooks x T) -> float32 audio at the codec's output rate."""
+        model = self._model
+        codes = torch.as_tensor(frames, dtype=torch.long, device=model.device).unsqueeze(0)
+        lengths = torch.tensor([codes.shape[-1]], device=model.device)
+        with torch.no_grad():
+            audio, audio_lengths, _ = model._codec_helper.codes_to_audio(codes, lengths)
+        samples: FloatAudio = audio[0, : int(audio_lengths[0])].float().cpu().numpy()
+        return np.clip(samples, -1.0, 1.0).astype(np.float32)
