@@ -230,3 +230,25 @@ async def test_done_waits_for_the_last_continue_so_every_continue_is_valid(llm_s
     assert "".join(c.text for c in chunks) == REPLY
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="grpc.aio raises DecodeError inside the request iterator and rpc_errors turns it into "
+    "INTERNAL; the fix (DecodeError -> InvalidArgument in services/runtime/errors.py) is "
+    "proposed in issue 5",
+)
+async def test_non_utf8_text_is_invalid_argument(llm_server):
+    # Proto3 strings must hold UTF-8; a client that writes raw bytes can still send other bytes.
+    valid = start(messages=[("user", "XXXX")]).SerializeToString()
+    request = valid.replace(b"XXXX", b"\xff\xfe\xfd\xfc")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{llm_server.port}") as channel:
+        method = channel.stream_stream(
+            "/nemotron.speech.v1.LlmService/GenerateChunks",
+            request_serializer=lambda raw: raw,
+            response_deserializer=llm_pb2.GenerateChunksResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_all(method(iter([request])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in caught.value.details()

@@ -35,6 +35,41 @@ class LlmSettings(ServerSettings):
         -1, description="Layers offloaded to the GPU by llama_cpp (-1: all, 0: CPU only)."
     )
     threads: int = Field(0, ge=0, description="CPU threads for llama_cpp; 0 picks for the host.")
+    slots: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="llama_cpp contexts (sequence slots): requests generating at once; more wait "
+        "in arrival order. Each keeps the prompt cache of the conversation it served last.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Share of GPU memory vLLM may take for weights and KV cache (vllm).",
+    )
+    upstream_model: str = Field(
+        "",
+        description="Model name sent to the OpenAI-compatible server (openai_upstream); empty "
+        "uses `model`, else the first model the server lists.",
+    )
+    upstream_api_key_env: str = Field(
+        "NEMOTRON_LLM_UPSTREAM_API_KEY",
+        description="Name of the environment variable holding the upstream's API key, sent as a "
+        "Bearer token when set (openai_upstream).",
+    )
+    upstream_connect_timeout_s: float = Field(
+        3.0, gt=0, description="Connecting to the upstream server, in seconds (openai_upstream)."
+    )
+    upstream_read_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait for the next bytes of an upstream stream, in seconds "
+        "(openai_upstream).",
+    )
+    upstream_max_connections: int = Field(
+        32, ge=1, description="Pooled connections to the upstream server (openai_upstream)."
+    )
     max_prompt_chars: int = Field(
         200_000, ge=1, description="Largest conversation accepted, in characters."
     )

@@ -1,0 +1,173 @@
+"""vLLM in process (its async engine, `AsyncLLMEngine`, i.e. vLLM v1's `AsyncLLM`), GPU only.
+
+Installed with `pip install 'nemotron-speech-mesh[vllm]'`; nothing of vLLM is imported until this
+backend is chosen. vLLM batches concurrent requests continuously and caches prompt prefixes by
+block (automatic prefix caching), so a conversation's next turn re-evaluates only its new tokens;
+the cached count comes back as `RequestOutput.num_cached_tokens`. Cancel (closing the generator)
+aborts the request in the engine, which frees its KV blocks at the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, Self
+
+from services.llm.backend import (
+    ChatTurn,
+    FinishReason,
+    GenerationRequest,
+    GenerationStats,
+    LlmBackend,
+    Sampling,
+)
+from services.llm.context import fit_to_window, generation_reserve
+from services.llm.settings import LlmSettings
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'nemotron-speech-mesh[vllm]' (GPU only)"
+
+
+def sampling_kwargs(sampling: Sampling) -> dict[str, Any]:
+    """VLLM `SamplingParams` arguments for our sampling (output as deltas, one per step)."""
+    kwargs: dict[str, Any] = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        # vLLM's "off" is 0 (older releases: -1); ours is 0 too.
+        "top_k": sampling.top_k,
+        "max_tokens": sampling.max_tokens,
+        "repetition_penalty": sampling.repetition_penalty,
+        "stop": list(sampling.stop),
+    }
+    if sampling.seed is not None:
+        kwargs["seed"] = sampling.seed
+    return kwargs
+
+
+def finish_reason(reason: str | None) -> FinishReason:
+    """Our finish reason for vLLM's ("stop", "length", "abort")."""
+    if reason == "length":
+        return FinishReason.LENGTH
+    if reason == "abort":
+        return FinishReason.CANCELLED
+    return FinishReason.STOP
+
+
+def record_output(output: Any, stats: GenerationStats) -> str:
+    """Fold one delta `RequestOutput` into `stats`; returns its new text."""
+    if output.num_cached_tokens is not None:
+        stats.cached_prompt_tokens = int(output.num_cached_tokens)
+    completion = output.outputs[0]
+    for _token in completion.token_ids:
+        stats.token_generated()
+    if completion.finish_reason is not None:
+        stats.finish_reason = finish_reason(completion.finish_reason)
+    return str(completion.text)
+
+
+class VllmLlmBackend(LlmBackend):
+    """A Hugging Face model (name or folder) in vLLM's async engine, on the GPU."""
+
+    name = "vllm"
+
+    def __init__(
+        self, model: str, *, context_window: int = 0, gpu_memory_utilization: float = 0.85
+    ) -> None:
+        if not model:
+            raise ValueError("the vllm backend needs a model: set NEMOTRON_LLM_MODEL")
+        self.model = model
+        self.context_window = context_window
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.window = 0
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._sampling_params: Any = None
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_settings(cls, settings: LlmSettings) -> Self:
+        """settings.model (required), context_window and gpu_memory_utilization."""
+        return cls(
+            settings.model,
+            context_window=settings.context_window,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+        )
+
+    @property
+    def model_name(self) -> str:
+        """The model's last path component."""
+        return self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    async def load(self) -> None:
+        """Start the engine (this loads weights and profiles memory), then warm it up."""
+        try:
+            from vllm import (  # type: ignore[import-not-found, unused-ignore]
+                AsyncEngineArgs,
+                AsyncLLMEngine,
+                SamplingParams,
+            )
+        except ImportError as err:
+            raise ImportError(f"the vllm backend needs vLLM: {INSTALL_HINT}") from err
+        args = AsyncEngineArgs(
+            model=self.model,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            **({"max_model_len": self.context_window} if self.context_window else {}),
+        )
+        self._engine = AsyncLLMEngine.from_engine_args(args)
+        self._sampling_params = SamplingParams
+        self._tokenizer = await self._engine.get_tokenizer()
+        self.window = int(self._engine.model_config.max_model_len)
+        warmup = GenerationRequest("warmup", (ChatTurn("user", "Hi"),), Sampling(max_tokens=2))
+        async for _text in self.generate(warmup, GenerationStats()):
+            pass
+
+    async def aclose(self) -> None:
+        """Shut the engine down."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def encode(self, messages: tuple[ChatTurn, ...]) -> Sequence[int]:
+        """The model's chat template (from its tokenizer config), tokenized."""
+        tokens: Sequence[int] = self._tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=True,
+            add_generation_prompt=True,
+        )
+        return tokens
+
+    async def generate(
+        self, request: GenerationRequest, stats: GenerationStats
+    ) -> AsyncGenerator[str, None]:
+        """Stream deltas from the engine; closing this aborts the request."""
+        if self._engine is None:
+            raise Unavailable("the vLLM engine is not loaded")
+        from vllm.sampling_params import (  # type: ignore[import-not-found, unused-ignore]
+            RequestOutputKind,
+        )
+
+        reserve = generation_reserve(self.window, request.sampling.max_tokens)
+        fitted = await asyncio.to_thread(
+            fit_to_window, request.messages, self.encode, self.window - reserve
+        )
+        stats.prompt_tokens = len(fitted.tokens)
+        params = self._sampling_params(
+            **sampling_kwargs(request.sampling), output_kind=RequestOutputKind.DELTA
+        )
+        request_id = f"{request.request_id or 'req'}-{next(self._ids)}"
+        outputs = self._engine.generate(
+            {"prompt_token_ids": list(fitted.tokens)}, params, request_id
+        )
+        try:
+            async for output in outputs:
+                text = record_output(output, stats)
+                if text:
+                    yield text
+        finally:
+            await outputs.aclose()
+            await self._engine.abort(request_id)  # a no-op once finished
