@@ -46,7 +46,7 @@ case "$task" in
     requirements=$(mktemp)
     trap 'rm -f "$requirements"' EXIT
     uv export --frozen --extra nemo --extra bench --no-hashes --no-emit-project --no-header \
-      | grep -v -E '^(torch|triton|nvidia-|cuda-)' > "$requirements"
+      | grep -v -E '^(torch==|triton==|nvidia-|cuda-)' > "$requirements"
     uv pip install --no-deps -r "$requirements"
     torch_version=$(uv export --frozen --extra nemo --no-hashes | sed -n 's/^torch==\([0-9.]*\).*/\1/p')
     if [ -n "${PIP_FIND_LINKS:-}" ]; then
