@@ -11,8 +11,10 @@ subprocess unless --target names a running one):
    at a time: time from first audio to final over audio duration, and server CPU-seconds per
    audio-second;
 3. capacity: N concurrent streams speak at real time (interims on) for N in --steps; the
-   largest N whose finalize p95 stays within twice the one-stream p95 is what the server
-   sustains.
+   largest N whose finalize p95 stays within twice the one-stream p95 of pass 1 is what the
+   server sustains. (Pass 1, 60 utterances, is the baseline rather than the ramp's first step:
+   with one stream most finals are answered from an interim decode in about a millisecond, and
+   twice a millisecond is no bound.)
 
     python -m loadtest.asr_bench [--model tiny.en] [--json artifacts/asr_bench.json]
 """
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", default="1,2,3,4,6,8", help="concurrent streams per capacity step"
     )
     parser.add_argument(
-        "--step-utterances", type=int, default=4, help="utterances per stream per step"
+        "--step-utterances", type=int, default=8, help="utterances per stream per step"
     )
     parser.add_argument(
         "--max-minutes", type=float, default=12.0, help="stop the capacity ramp after this"
@@ -130,9 +132,11 @@ async def run(args: argparse.Namespace) -> int:
             figures["rtf"] = sum(r.elapsed_s for r in fast) / audio_s
             figures["server_cpu_s_per_audio_s"] = cpu_used / audio_s if cpu is not None else None
             figures["wer_fast_pass"] = word_error_rate([(r.utterance.text, r.text) for r in fast])
-            steps = await capacity(stub, clean, audio, args, started)
+            baseline = float(figures["finalize_ms_p95_all"])  # type: ignore[arg-type]
+            steps = await capacity(stub, clean, audio, args, started, baseline)
             figures["capacity_steps"] = steps
-            figures["sustained_streams"] = sustained(steps)
+            figures["capacity_bound_ms"] = 2 * baseline
+            figures["sustained_streams"] = sustained(steps, baseline)
     finally:
         if server is not None:
             server.terminate()
@@ -157,6 +161,7 @@ def accuracy_figures(results: list[Result]) -> dict[str, object]:
     noisy = [r for r in results if r.utterance.noisy]
     short = [r.latency_ms for r in results if r.utterance.duration_s <= 5.0]
     latency = Summary.of(short)
+    every = Summary.of([r.latency_ms for r in results])
     return {
         "wer_clean": word_error_rate([(r.utterance.text, r.text) for r in clean]),
         "wer_noisy": word_error_rate([(r.utterance.text, r.text) for r in noisy]),
@@ -169,6 +174,7 @@ def accuracy_figures(results: list[Result]) -> dict[str, object]:
         "finalize_ms_p50": latency.p50,
         "finalize_ms_p95": latency.p95,
         "finalize_ms_max": latency.max,
+        "finalize_ms_p95_all": every.p95,
         "errors": [
             {"id": r.utterance.id, "ref": r.utterance.text, "hyp": r.text}
             for r in results
@@ -183,10 +189,10 @@ async def capacity(
     audio: dict[str, FloatAudio],
     args: argparse.Namespace,
     started: float,
+    baseline_p95_ms: float,
 ) -> list[dict[str, float]]:
-    """Finalize latency at each step of concurrent real-time streams."""
+    """Finalize latency at each step of concurrent real-time streams, until p95 doubles."""
     steps: list[dict[str, float]] = []
-    baseline = None
     for n in (int(s) for s in args.steps.split(",")):
         if time.monotonic() - started > 60 * args.max_minutes:
             print(f"time budget spent; stopping before {n} streams")
@@ -210,18 +216,19 @@ async def capacity(
             f"p95 {latency.p95:.0f} ms, WER {wer:.3f}",
             flush=True,
         )
-        baseline = baseline or latency.p95
-        if latency.p95 > 2 * baseline:
+        if latency.p95 > 2 * baseline_p95_ms:
             break
     return steps
 
 
-def sustained(steps: list[dict[str, float]]) -> int:
-    """The most streams whose finalize p95 stayed within twice the one-stream p95."""
-    if not steps:
-        return 0
-    bound = 2 * steps[0]["p95_ms"]
-    return max((int(s["streams"]) for s in steps if s["p95_ms"] <= bound), default=0)
+def sustained(steps: list[dict[str, float]], baseline_p95_ms: float) -> int:
+    """The most streams before finalize p95 first exceeds twice the one-stream p95."""
+    count = 0
+    for step in steps:
+        if step["p95_ms"] > 2 * baseline_p95_ms:
+            break
+        count = int(step["streams"])
+    return count
 
 
 async def stream(
@@ -314,7 +321,8 @@ def report(figures: dict[str, object]) -> str:
         ["finalize p95 ms", figures["finalize_ms_p95"]],
         ["real-time factor (1 stream, as fast as possible)", figures["rtf"]],
         ["server CPU-s per audio-s", figures["server_cpu_s_per_audio_s"] or float("nan")],
-        ["sustained real-time streams", figures["sustained_streams"]],
+        ["finalize p95 ms, all utterances (capacity baseline)", figures["finalize_ms_p95_all"]],
+        ["sustained real-time streams (finalize p95 within 2x)", figures["sustained_streams"]],
     ]
     steps = figures["capacity_steps"]
     assert isinstance(steps, list)

@@ -11,7 +11,7 @@ import pytest
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc
 from tests.conftest import channel_to
 from tests.doubles import CountingAsrBackendDouble
-from tests.helpers import field_violation, frames, read_all, silence_pcm, tone_pcm
+from tests.helpers import field_violation, frames, read_all, read_rest, silence_pcm, tone_pcm
 
 Req = asr_pb2.StreamingRecognizeRequest
 
@@ -134,6 +134,22 @@ async def test_half_close_finalizes_pending_audio(asr_stub):
     requests = [config(interim=False), *audio(tone_pcm(0.3))]
     (final,) = transcripts(await read_all(asr_stub.StreamingRecognize(iter(requests))))
     assert final.is_final and final.final_reason == asr_pb2.FINAL_REASON_END_OF_STREAM
+
+
+async def test_audio_after_half_close_is_refused_and_pending_audio_is_finalized(asr_stub):
+    call = asr_stub.StreamingRecognize()
+    await call.write(config(interim=False))
+    assert (await call.read()).WhichOneof("response") == "ready"
+    for request in audio(tone_pcm(0.3)):
+        await call.write(request)
+    await call.done_writing()
+    # Half-closing ends the request stream (HTTP/2 END_STREAM): nothing more can reach the server.
+    with pytest.raises(asyncio.InvalidStateError):
+        await call.write(Req(audio=tone_pcm(0.2)))
+    (final,) = transcripts(await read_rest(call))
+    assert (final.text, final.is_final) == ("tick tick tick", True)
+    assert final.final_reason == asr_pb2.FINAL_REASON_END_OF_STREAM
+    assert await call.code() == grpc.StatusCode.OK
 
 
 @pytest.mark.parametrize(

@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc
+from services.asr.backend import (
+    AudioEvent,
+    FinalizeEvent,
+    FinalizeKind,
+    Hypothesis,
+    RecognizerEvent,
+    StreamOptions,
+)
 from services.asr.backends.decode_pool import DecodePool, Priority
 from services.asr.backends.utterance import UtteranceAudio
-from services.asr.backends.whisper import WhisperAsrBackend
+from services.asr.backends.whisper import WhisperAsrBackend, _Decoded
+from services.asr.backends.whisper_models import WhisperWeights
 from services.asr.servicer import AsrService
 from services.asr.settings import AsrSettings
 from services.runtime.audio import float_to_pcm16
 from services.runtime.server import MeshServer
+from services.runtime.streams import StreamQueue
 from tests.conftest import channel_to, running
 from tests.helpers import frames, read_all, silence_pcm
 from tests.speech import speech_pcm, wer
@@ -263,3 +276,97 @@ def test_utterance_buffer_is_bounded_and_gates_silence():
     assert buffer.silent_after(8000) and not buffer.silent_after(7999)
     buffer.clear()
     assert len(buffer) == 0 and not buffer.voiced
+
+
+def slow_whisper(decode_s: float, decoded: list[int]) -> WhisperAsrBackend:
+    """The whisper backend with a stand-in model: `decode_s` per decode, text = samples heard."""
+    backend = WhisperAsrBackend(WhisperWeights("whisper-slow-double", folder=Path("/nowhere")))
+
+    def slow_decode(audio: np.ndarray, language: str) -> _Decoded:
+        time.sleep(decode_s)
+        decoded.append(audio.size)
+        return _Decoded(f"heard {audio.size}", audio.size)
+
+    backend._decode = slow_decode  # type: ignore[method-assign]
+    backend._pool = DecodePool()
+    return backend
+
+
+async def test_interim_cadence_adapts_to_a_slow_model_and_never_falls_behind():
+    # A model that needs 0.2 s per decode while audio arrives at 4x real time: re-decoding every
+    # 0.25 s of audio would queue a decode every 62 ms and fall further behind with every one.
+    decode_s = 0.2
+    decoded: list[int] = []
+    backend = slow_whisper(decode_s, decoded)
+    events: StreamQueue[RecognizerEvent] = StreamQueue(64)
+    voiced = np.full(320, 0.3, dtype=np.float32)  # 20 ms frames
+    fed: list[float] = []
+
+    async def feed() -> None:
+        started = time.perf_counter()
+        for _ in range(150):  # 3 s of audio
+            await events.put(AudioEvent(voiced))
+            await asyncio.sleep(0.005)
+        fed.append(time.perf_counter() - started)
+        await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
+        events.close()
+
+    feeder = asyncio.create_task(feed())
+    results: list[tuple[Hypothesis, float]] = []
+    async for hypothesis in backend.recognize(StreamOptions("s", "en", True), events):
+        results.append((hypothesis, time.perf_counter()))
+    await feeder
+    backend._pool.close()
+    interims = [h for h, _ in results if h.answers is None]
+    (final, answered_at), *_ = [(h, t) for h, t in results if h.answers is not None]
+    assert final.text == "heard 48000", "the final decode hears the whole utterance"
+    assert final.answers is not None
+    # Decodes were skipped, not queued: at most one per decode time while audio arrived, each
+    # taking all the audio that had arrived meanwhile; the finalize waits for at most the interim
+    # decode in flight and its own.
+    assert len(interims) <= fed[0] / decode_s + 2, len(interims)
+    assert all(a.audio_ms < b.audio_ms for a, b in itertools.pairwise(interims))
+    assert decoded == sorted(decoded)
+    assert answered_at - final.answers.received_at < 2 * decode_s + 0.3
+
+
+async def test_a_finalize_does_not_wait_behind_other_streams_interim_decodes():
+    decoded: list[int] = []
+    backend = slow_whisper(0.1, decoded)
+    pool = backend._pool
+    assert pool is not None
+    order: list[str] = []
+
+    def other(name: str, seconds: float) -> Any:
+        def work() -> None:
+            time.sleep(seconds)
+            order.append(name)
+
+        return lambda: work
+
+    # Another stream's decode holds the thread, and its next interim decode waits in line.
+    busy = asyncio.create_task(pool.run(Priority.FINAL, other("busy", 0.3)))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(pool.run(Priority.INTERIM, other("other interim", 0.1)))
+    events: StreamQueue[RecognizerEvent] = StreamQueue(64)
+
+    async def feed() -> None:
+        for _ in range(25):  # 0.5 s: this stream's interim decode joins the line
+            await events.put(AudioEvent(np.full(320, 0.3, dtype=np.float32)))
+        await asyncio.sleep(0.05)
+        assert pool.queued == 2, "this stream's interim decode waits behind the other one"
+        await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
+        events.close()
+
+    feeder = asyncio.create_task(feed())
+    answers = [
+        h
+        async for h in backend.recognize(StreamOptions("s", "en", True), events)
+        if h.answers is not None
+    ]
+    order.append("final")
+    await asyncio.gather(feeder, busy, queued)
+    pool.close()
+    assert [h.text for h in answers] == ["heard 8000"]
+    assert decoded == [8000], "the interim decode still in line was dropped, not run"
+    assert order == ["busy", "final", "other interim"]

@@ -10,7 +10,9 @@ Two shortcuts keep finalize latency low without changing the text: an utterance 
 never rose above the energy gate is answered with empty text without a decode (Whisper would
 otherwise hallucinate "you" on silence), and when everything after the last decoded prefix is
 silence (the client's VAD waited for the pause before finalizing) that decode's text is the
-answer. Otherwise the finalize waits for one decode of the whole utterance.
+answer. Otherwise the finalize waits for one decode of the whole utterance; an interim decode of
+the stream still waiting in line for the decode thread is dropped first (the final decode hears
+more), so a finalize never waits behind other streams' interim decodes.
 """
 
 from __future__ import annotations
@@ -195,6 +197,7 @@ class _WhisperStream:
         self.text = ""  # text of the latest decode of this utterance
         self.covered = 0  # samples of the utterance that text covers
         self.interim: asyncio.Task[_Decoded] | None = None
+        self.interim_started = False  # its turn came: it took its snapshot and is decoding
 
     async def run(self, events: StreamQueue[RecognizerEvent]) -> AsyncGenerator[Hypothesis, None]:
         """The recognizer loop (see the module docstring)."""
@@ -241,10 +244,16 @@ class _WhisperStream:
             or self.audio.silent_after(self.covered)  # nothing new to hear
         ):
             return
+        self.interim_started = False
         self.interim = asyncio.create_task(
-            self.backend.decode(Priority.INTERIM, self.audio.snapshot, self.options.language),
+            self.backend.decode(Priority.INTERIM, self._interim_snapshot, self.options.language),
             name=f"{self.options.session_id}-interim",
         )
+
+    def _interim_snapshot(self) -> FloatAudio:
+        """The audio for the interim decode, taken when its turn on the decode thread comes."""
+        self.interim_started = True
+        return self.audio.snapshot()
 
     def _take_interim(self) -> Hypothesis:
         assert self.interim is not None
@@ -257,9 +266,12 @@ class _WhisperStream:
 
     async def _answer(self, finalize: FinalizeEvent) -> Hypothesis:
         if self.interim is not None:
-            decoded = await self.interim  # may already cover everything that was said
+            if self.interim_started or self.interim.done():
+                self._learn(await self.interim)  # may already cover everything that was said
+            else:  # still in line: the decode below hears more, and sooner
+                self.interim.cancel()
+                await asyncio.wait({self.interim})
             self.interim = None
-            self._learn(decoded)
         if not self.audio.voiced:
             text = ""
         elif self.audio.silent_after(self.covered):
