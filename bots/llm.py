@@ -1,0 +1,223 @@
+"""GrpcChunkedLLMService: Pipecat LLM over LlmService.GenerateChunks, one call per response.
+
+Each chunk the server cuts at a sentence boundary goes downstream as an `LLMChunkFrame`. With
+`wait_for_continue` (the default) the server generates chunk N+1 only after this service sends
+`continue_generation` for chunk N, which it does when the TTS reports that chunk's segment
+complete (`SegmentCompleteFrame`, matched by segment id): on one GPU, speech synthesis of a chunk
+never competes with generation of the next. An interruption cancels the call; the server frees
+the sequence at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from loguru import logger
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    StartFrame,
+)
+from pipecat.metrics.metrics import LLMTokenUsage
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.ai_service import AIService
+from pipecat.services.settings import ServiceSettings
+
+from bots.frames import LLMChunkFrame, SegmentCompleteFrame, segment_id_of
+from bots.grpc_client import describe, open_channel, trace_metadata
+from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
+
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[llm_pb2.ChatMessage]:
+    """Pipecat context messages as the contract's chat messages.
+
+    Text parts of multi-part content are joined; tool calls, images and empty turns are left
+    out because the chunked LLM service speaks plain chat.
+    """
+    chat = []
+    for message in messages:
+        role = message.get("role")
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(
+                part.get("text", "") for part in content if isinstance(part, dict)
+            ).strip()
+        if role in ROLES and isinstance(content, str) and content.strip():
+            chat.append(llm_pb2.ChatMessage(role=role, content=content))
+    return chat
+
+
+class GrpcChunkedLLMService(AIService):
+    """Answers each `LLMContextFrame` with sentence-sized `LLMChunkFrame`s.
+
+    Args:
+        target: The LLM server, e.g. "127.0.0.1:8000".
+        sampling: Sampling parameters sent with every request (server defaults where unset).
+        first_chunk_min_tokens: Smallest first chunk (0: the server's default).
+        first_chunk_max_tokens: Largest first chunk (0: the server's default).
+        wait_for_continue: Generate each next chunk only when the TTS finished the last one.
+        chunk_timeout_s: Longest wait for the next message from the server; past it the response
+            ends with an error (a stalled server).
+        **kwargs: Passed to Pipecat's `AIService`.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        sampling: llm_pb2.SamplingParams | None = None,
+        first_chunk_min_tokens: int = 0,
+        first_chunk_max_tokens: int = 0,
+        wait_for_continue: bool = True,
+        chunk_timeout_s: float = 15.0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("settings", ServiceSettings(model=None))  # the server picks the model
+        super().__init__(**kwargs)
+        self.target = target
+        self.sampling = sampling or llm_pb2.SamplingParams()
+        self.chunking = llm_pb2.ChunkingPolicy(wait_for_continue=wait_for_continue)
+        if first_chunk_min_tokens:
+            self.chunking.first_chunk_min_tokens = first_chunk_min_tokens
+        if first_chunk_max_tokens:
+            self.chunking.first_chunk_max_tokens = first_chunk_max_tokens
+        self.chunk_timeout_s = chunk_timeout_s
+        self.conversation_id = uuid.uuid4().hex
+        self.last_usage: llm_pb2.GenerationDone | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._request_id = ""
+        self._received: set[int] = set()
+
+    def can_generate_metrics(self) -> bool:
+        """TTFB (start sent to first chunk) and token usage go to Pipecat's metrics."""
+        return True
+
+    async def start(self, frame: StartFrame) -> None:
+        """Open the channel (calls are per response)."""
+        await super().start(frame)
+        self._channel = open_channel(self.target)
+
+    async def stop(self, frame: EndFrame) -> None:
+        """Close the channel."""
+        await super().stop(frame)
+        await self._close()
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        """Close the channel at once."""
+        await super().cancel(frame)
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Generate for contexts; release chunks as their speech completes."""
+        await super().process_frame(frame, direction)
+        if isinstance(frame, LLMContextFrame):
+            if frame.speculation:
+                return  # speculative inference is not supported; the confirmed turn follows
+            await self._respond(chat_messages(frame.context.get_messages()))
+        elif isinstance(frame, SegmentCompleteFrame):
+            await self._release(frame.segment_id)
+        else:
+            await self.push_frame(frame, direction)
+
+    async def _respond(self, messages: list[llm_pb2.ChatMessage]) -> None:
+        """One GenerateChunks call; cancelled (interruption) means the call is cancelled."""
+        if not messages or self._channel is None:
+            return
+        self._request_id = request_id = uuid.uuid4().hex[:12]
+        self._received = set()
+        call = llm_pb2_grpc.LlmServiceStub(self._channel).GenerateChunks(metadata=trace_metadata())
+        self._call = call
+        await self.push_frame(LLMFullResponseStartFrame())
+        await self.start_ttfb_metrics()
+        await self.start_processing_metrics()
+        try:
+            await call.write(
+                llm_pb2.GenerateChunksRequest(
+                    start=llm_pb2.StartGeneration(
+                        request_id=request_id,
+                        messages=messages,
+                        sampling=self.sampling,
+                        chunking=self.chunking,
+                        conversation_id=self.conversation_id,
+                        trace_context=dict(trace_metadata()),
+                    )
+                )
+            )
+            await self._read_chunks(call, request_id)
+        except (grpc.aio.AioRpcError, TimeoutError) as error:
+            await self.push_error(f"LLM request {request_id} failed: {describe(error)}")
+        finally:
+            call.cancel()  # no-op after a clean end; frees the server's sequence otherwise
+            self._call = None
+            self._request_id = ""
+            await self.stop_processing_metrics()
+            await self.push_frame(LLMFullResponseEndFrame())
+
+    async def _read_chunks(self, call: grpc.aio.StreamStreamCall, request_id: str) -> None:
+        while True:
+            response = await asyncio.wait_for(call.read(), self.chunk_timeout_s)
+            if response is grpc.aio.EOF:
+                return
+            if response.HasField("done"):
+                await self._report_usage(response.done)
+                return
+            chunk = response.chunk
+            if chunk.index == 0:
+                await self.stop_ttfb_metrics()
+            self._received.add(chunk.index)
+            await self.push_frame(
+                LLMChunkFrame(
+                    text=chunk.text,
+                    request_id=request_id,
+                    chunk_index=chunk.index,
+                    ends_sentence=chunk.ends_sentence,
+                )
+            )
+
+    async def _release(self, segment_id: str) -> None:
+        """continue_generation for the chunk that segment spoke, if it is of this request."""
+        call, request_id = self._call, self._request_id
+        if call is None:
+            return
+        for index in sorted(self._received):
+            if segment_id_of(request_id, index) == segment_id:
+                self._received.discard(index)
+                try:
+                    await call.write(
+                        llm_pb2.GenerateChunksRequest(
+                            continue_generation=llm_pb2.ContinueGeneration(chunk_index=index)
+                        )
+                    )
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+                    logger.debug(f"{self}: continue for {segment_id} not sent: {error}")
+                return
+
+    async def _report_usage(self, done: llm_pb2.GenerationDone) -> None:
+        self.last_usage = done
+        usage = done.usage
+        await self.start_llm_usage_metrics(
+            LLMTokenUsage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.prompt_tokens + usage.completion_tokens,
+                cache_read_input_tokens=usage.cached_prompt_tokens,
+            )
+        )
