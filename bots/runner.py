@@ -15,9 +15,8 @@ from pipecat.runner.utils import create_transport
 from pipecat.transports.base_transport import TransportParams
 from pipecat.workers.runner import WorkerRunner
 
+from bots.names import BOTS
 from bots.pipeline import BotConfig, build_worker
-
-BOTS = ("interleaved_streaming", "simple_vad", "vllm")
 
 
 def _transport_params() -> dict[str, object]:

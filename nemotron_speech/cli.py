@@ -7,12 +7,15 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
+from bots.names import BOTS
 from nemotron_speech.probe import format_table, probe_all
 from nemotron_speech.stack import STAGES, add_stack_parser, run_stack
 from nemotron_speech.supervisor import Supervisor, serve_argv
 from nemotron_speech.targets import target_of
 from nemotron_speech.trace_report import add_trace_report_parser, run_trace_report
+from nemotron_speech.up import add_up_parser, run_up
 from services.serve import add_serve_parser, run_serve
 
 
@@ -53,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     add_stack_parser(subparsers)
     add_trace_report_parser(subparsers)
+    bot = subparsers.add_parser(
+        "bot",
+        help="serve a voice bot (browser client at http://localhost:7860/client)",
+        description="Serve a voice bot over the running ASR, TTS and LLM servers "
+        "(NVIDIA_ASR_URL, NVIDIA_TTS_URL, NVIDIA_LLM_URL). Flags after the name go to "
+        "Pipecat's runner: -t daily, --host, --port ...",
+    )
+    bot.add_argument("name", nargs="?", default="interleaved_streaming", choices=BOTS)
+    bot.add_argument("runner_args", nargs=argparse.REMAINDER, help="flags for Pipecat's runner")
+    add_up_parser(subparsers)
+    talk = subparsers.add_parser(
+        "talk",
+        help="one turn from a WAV file through the real pipeline; prints each stage's TTFB",
+    )
+    talk.add_argument("--in", dest="question", type=Path, required=True, help="question WAV")
+    talk.add_argument("--out", dest="reply", type=Path, required=True, help="reply WAV to write")
+    talk.add_argument("--bot", default="simple_vad", choices=BOTS, help="pipeline to use")
+    talk.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
     return parser
 
 
@@ -69,6 +90,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_stack(args)
     if args.command == "trace-report":
         return run_trace_report(args)
+    if args.command == "up":
+        return run_up(args)
+    if args.command == "talk":
+        from bots.talk import talk as talk_once
+
+        if not args.question.is_file():
+            raise SystemExit(f"no such WAV file: {args.question}")
+        return asyncio.run(talk_once(args.question, args.reply, args.bot, args.timeout))
+    if args.command == "bot":
+        from bots.runner import main as run_bot  # imports Pipecat: only when asked for
+
+        run_bot(args.name, args.runner_args)
+        return 0
     raise AssertionError(f"unhandled command {args.command}")
 
 

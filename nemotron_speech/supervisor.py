@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from nemotron_speech.probe import probe
 
@@ -27,19 +27,25 @@ class Supervisor:
         self.stop_grace_s = stop_grace_s
         self.children: dict[str, asyncio.subprocess.Process] = {}
 
-    async def start(self, name: str, argv: Sequence[str]) -> None:
-        """Start a child; its output goes to ours."""
-        self.children[name] = await asyncio.create_subprocess_exec(*argv)
+    async def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> None:
+        """Start a child (with `env` instead of ours, if given); its output goes to ours."""
+        self.children[name] = await asyncio.create_subprocess_exec(*argv, env=env)
         log.info("started %s (pid %d)", name, self.children[name].pid)
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError if any child has exited."""
+        for name, child in self.children.items():
+            if child.returncode is not None:
+                raise RuntimeError(f"{name} exited ({child.returncode}) while starting")
 
     async def wait_serving(self, targets: dict[str, str], timeout_s: float) -> None:
         """Wait until every target reports SERVING; fail early if a child exits."""
         deadline = time.monotonic() + timeout_s
         pending = dict(targets)
         while pending:
-            for name, child in self.children.items():
-                if child.returncode is not None:
-                    raise RuntimeError(f"{name} exited ({child.returncode}) while starting")
+            self.check_alive()
             for name, target in list(pending.items()):
                 if (await probe(name, target, timeout_s=1.0)).serving:
                     log.info("%s is SERVING at %s", name, target)
