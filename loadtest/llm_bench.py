@@ -4,7 +4,8 @@ Against a real LLM server over gRPC (started here as a subprocess unless --targe
 one; default backend llama_cpp with SmolLM2-135M on CPU):
 
 1. first-chunk latency (start sent -> first chunk received) p50/p95, cold (a new conversation with
-   a system prompt never seen before) and with a cached prefix (turns 2..10 of a conversation);
+   a system prompt never seen before) and with a cached prefix (turns 2..10 of a conversation),
+   and the first chunk's length in tokens (decoding it is most of that latency);
 2. tokens per second of generation (the server's `done.tokens_per_second`) and the cached-prompt
    ratio (cached / prompt tokens) over 10-turn conversations;
 3. cancel: a long answer is cancelled 0-100 ms after its first chunk; cancel sent -> `done` (or the
@@ -79,6 +80,7 @@ class Answer:
     """One answer: first-chunk latency, text and the closing done."""
 
     first_chunk_ms: float
+    first_chunk_tokens: int
     text: str
     done: llm_pb2.GenerationDone
 
@@ -101,13 +103,16 @@ async def ask(
     sent = time.perf_counter()
     first: float | None = None
     texts: list[str] = []
+    first_tokens = 0
     async for response in stub.GenerateChunks(iter([request])):
         if response.HasField("chunk"):
-            first = first or time.perf_counter()
+            if first is None:
+                first, first_tokens = time.perf_counter(), response.chunk.token_count
             texts.append(response.chunk.text)
         else:
             end = time.perf_counter()
-            return Answer(1000 * ((first or end) - sent), "".join(texts), response.done)
+            latency = 1000 * ((first or end) - sent)
+            return Answer(latency, first_tokens, "".join(texts), response.done)
     raise RuntimeError("the call ended without done")
 
 
@@ -200,6 +205,7 @@ async def measure(
         cold.append((await conversation(stub, 1, args.max_tokens, tag))[0].first_chunk_ms)
 
     cached: list[float] = []
+    cached_tokens: list[float] = []
     rates: list[float] = []
     ratios: list[list[float]] = []
     for _ in range(args.conversations):
@@ -207,6 +213,7 @@ async def measure(
             break
         answers = await conversation(stub, 10, args.max_tokens, f"{rng.randrange(10**9)}")
         cached += [a.first_chunk_ms for a in answers[1:]]
+        cached_tokens += [a.first_chunk_tokens for a in answers[1:]]
         rates += [a.done.tokens_per_second for a in answers if a.done.tokens_per_second > 0]
         ratios.append(
             [
@@ -249,6 +256,7 @@ async def measure(
     return {
         "first_chunk_cold_ms": Summary.of(cold).__dict__,
         "first_chunk_cached_ms": Summary.of(cached).__dict__,
+        "first_chunk_tokens_cached": Summary.of(cached_tokens).__dict__,
         "tokens_per_second": Summary.of(rates).__dict__,
         "cached_prompt_ratio_by_turn": mean_ratio,
         "cached_prompt_ratio_turns_2_10": (sum(mean_ratio[1:]) / 9) if mean_ratio else None,
@@ -269,6 +277,12 @@ def report(figures: dict[str, Any]) -> str:
     rows: list[list[object]] = [
         ["first chunk, cold (ms)", cold["p50"], cold["p95"], f"n={cold['count']}"],
         ["first chunk, turn 2+ (ms)", cached["p50"], cached["p95"], f"n={cached['count']}"],
+        [
+            "first chunk tokens, turn 2+",
+            figures["first_chunk_tokens_cached"]["p50"],
+            figures["first_chunk_tokens_cached"]["p95"],
+            "min 10, max 24 by default",
+        ],
         ["tokens/s (one request)", rate["p50"], rate["p95"], f"n={rate['count']}"],
         [
             "cached prompt ratio, turns 2-10",

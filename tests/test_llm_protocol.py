@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-from nemotron.speech.v1 import llm_pb2
-from tests.conftest import REPLY
+from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
+from services.llm.backend import GenerationRequest, GenerationStats
+from services.llm.servicer import LlmService
+from services.llm.settings import LlmSettings
+from tests.conftest import REPLY, channel_to, running
+from tests.doubles import ScriptedLlmBackendDouble
 from tests.helpers import field_violation, read_all, read_rest
 
 Req = llm_pb2.GenerateChunksRequest
@@ -110,6 +115,38 @@ async def test_cancelling_the_rpc_frees_the_sequence(llm_server, llm_stub, llm_b
     assert llm_server.service.limiter.active == 0
 
 
+class SplitCharacterLlmBackendDouble(ScriptedLlmBackendDouble):
+    """Each word with an accent costs one more token, which has no text of its own.
+
+    As with a real tokenizer whose byte tokens split a UTF-8 character: the backend counts the
+    lead byte's token, but its text only arrives with the next token.
+    """
+
+    async def generate(
+        self, request: GenerationRequest, stats: GenerationStats
+    ) -> AsyncIterator[str]:
+        async for token in super().generate(request, stats):
+            if not token.isascii():
+                stats.token_generated()
+                yield ""
+            yield token
+
+
+async def test_tokens_without_text_of_their_own_count_in_the_chunk_of_their_text():
+    reply = "Un caf\u00e9 au lait, s'il vous pla\u00eet, et une cr\u00e8me br\u00fbl\u00e9e. Merci."
+    backend = SplitCharacterLlmBackendDouble(reply)
+    settings = LlmSettings(port=0, max_streams=4, shutdown_grace_s=0.5)
+    async with running(LlmService(settings, backend)) as server, channel_to(server) as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        responses = await read_all(stub.GenerateChunks(iter([start(wait=False)])))
+    chunks, done = [r.chunk for r in responses[:-1]], responses[-1].done
+    assert "".join(c.text for c in chunks) == reply
+    words = reply.split()
+    expected = len(words) + sum(not word.isascii() for word in words)
+    assert done.usage.completion_tokens == expected
+    assert sum(c.token_count for c in chunks) == expected
+
+
 async def test_max_tokens_ends_with_length(llm_stub):
     responses = await read_all(
         llm_stub.GenerateChunks(iter([start(sampling=llm_pb2.SamplingParams(max_tokens=5))]))
@@ -171,6 +208,21 @@ async def test_continue_for_an_unsent_chunk_is_refused(llm_stub):
             "start.sampling.max_tokens",
         ),
         (
+            [start(sampling=llm_pb2.SamplingParams(top_k=100_000))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.sampling.top_k",
+        ),
+        (
+            [start(sampling=llm_pb2.SamplingParams(repetition_penalty=50))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.sampling.repetition_penalty",
+        ),
+        (
+            [start(messages=[("user", "Hi"), ("assistant", "Hello!")])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.messages[1].role",
+        ),
+        (
             [start(sampling=llm_pb2.SamplingParams(stop=["a"] * 9))],
             grpc.StatusCode.INVALID_ARGUMENT,
             "start.sampling.stop",
@@ -201,6 +253,9 @@ async def test_continue_for_an_unsent_chunk_is_refused(llm_stub):
         "nan",
         "top-p",
         "max-tokens",
+        "top-k",
+        "repetition-penalty",
+        "assistant-last",
         "stop",
         "chunk-bounds",
     ],
@@ -232,12 +287,6 @@ async def test_done_waits_for_the_last_continue_so_every_continue_is_valid(llm_s
     assert await call.read() is grpc.aio.EOF
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpc.aio raises DecodeError inside the request iterator and rpc_errors turns it into "
-    "INTERNAL; the fix (DecodeError -> InvalidArgument in services/runtime/errors.py) is "
-    "proposed in issue 5",
-)
 async def test_non_utf8_text_is_invalid_argument(llm_server):
     # Proto3 strings must hold UTF-8; a client that writes raw bytes can still send other bytes.
     valid = start(messages=[("user", "XXXX")]).SerializeToString()

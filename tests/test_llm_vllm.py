@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +16,18 @@ from services.llm.settings import LlmSettings
 
 
 def test_choosing_vllm_imports_nothing_of_it_until_load():
+    loaded = set(sys.modules)
     backend = VllmLlmBackend.from_settings(LlmSettings(backend="vllm", model="org/Some-Model"))
     assert backend.model_name == "Some-Model"
+    assert not any(name == "vllm" or name.startswith("vllm.") for name in set(sys.modules) - loaded)
+
+
+async def test_loading_without_vllm_installed_says_how_to_install_it():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    backend = VllmLlmBackend("org/Some-Model")
+    with pytest.raises(ImportError, match=re.escape("nemotron-speech-mesh[vllm]")):
+        await backend.load()
 
 
 def test_the_backend_needs_a_model():

@@ -1,12 +1,20 @@
 """Cuts a stream of tokens into sentence-sized chunks for speaking.
 
 The first chunk should be short (the listener is waiting for it) but not so short that the voice
-sounds clipped: it ends at the first sentence end after `first_min_tokens`, or, past
-`first_max_tokens`, at the best clause boundary, else at a word boundary. Later chunks end at each
-sentence end, or past `later_max_tokens` at a clause or word boundary. A cut is never made inside a
-word, a number such as 3.5, or after a common abbreviation (Dr., e.g.). A cut is only made once the
-next word has begun, so every chunk carries the whitespace that follows it, and concatenating the
-chunks gives back exactly the generated text.
+sounds clipped: it ends at the first sentence end after `first_min_tokens`, or, once past
+`first_max_tokens`, at the best (latest) clause boundary after the min, else at a word boundary.
+Later chunks end at each sentence end; one that has grown to half of `later_max_tokens` also ends at
+the next clause boundary, and one that has reached it at the next word boundary. A cut is never
+made inside a word, a number such as 3.5, or after a common abbreviation (Dr., e.g.). A cut is only
+made once the next word has begun, so every chunk carries the whitespace that follows it, and
+concatenating the chunks gives back exactly the generated text.
+
+Text held back after a cut was generated before the chunk could be sent. After a later chunk it is
+at most the one token that began the next word: each of its cuts is decided as its boundary
+arrives, which keeps a chunk from waiting on text past a good boundary and, with flow control
+(`wait_for_continue`), keeps generation from running ahead of the chunks released. Only the first
+chunk looks back (to prefer a sentence end up to its max), holding back at most
+`first_max_tokens - first_min_tokens` tokens before anything has been sent.
 """
 
 from __future__ import annotations
@@ -56,15 +64,21 @@ class SentenceChunker:
         self._token_starts: list[int] = []
         self._next_index = 0
 
-    def push(self, token: str) -> list[Chunk]:
-        """Add one token's text; returns the chunks it completed (usually none or one)."""
-        if not token:
+    def push(self, text: str, tokens: int = 1) -> list[Chunk]:
+        """Add the text of `tokens` generated tokens; returns the chunks it completed.
+
+        `tokens` is usually 1. It is more when earlier tokens had no text of their own (part of a
+        UTF-8 character, text held back while it might begin a stop string) and 0 for text that
+        only completes tokens already counted, so that chunk token counts add up to the tokens
+        generated. Empty text is ignored (its tokens are counted with the next text).
+        """
+        if not text:
             return []
         # A token is anchored at its first visible character: " Done." belongs to the chunk that
         # starts with "Done.", not to the one that ends with the space before it.
-        leading = len(token) - len(token.lstrip()) if token.strip() else 0
-        self._token_starts.append(len(self._buffer) + leading)
-        self._buffer += token
+        leading = len(text) - len(text.lstrip()) if text.strip() else 0
+        self._token_starts += [len(self._buffer) + leading] * tokens
+        self._buffer += text
         chunks = []
         while (chunk := self._try_cut()) is not None:
             chunks.append(chunk)
@@ -78,29 +92,40 @@ class SentenceChunker:
         return [self._emit(len(text), bool(_ENDS_SENTENCE.search(text)))]
 
     def _try_cut(self) -> Chunk | None:
-        first = self._next_index == 0
-        min_tokens = self.policy.first_min_tokens if first else 1
-        max_tokens = self.policy.first_max_tokens if first else self.policy.later_max_tokens
+        if self._next_index == 0:
+            return self._try_first_cut()
+        for match in _SENTENCE_END.finditer(self._buffer):
+            if not self._is_abbreviation(match.start()):
+                return self._emit(match.end(1), ends_sentence=True)
+        later_max = self.policy.later_max_tokens
+        for pattern, from_tokens in ((_CLAUSE_END, (later_max + 1) // 2), (_WORD_END, later_max)):
+            cuts = self._cuts(pattern, from_tokens)
+            if cuts:
+                return self._emit(cuts[0], ends_sentence=False)
+        return None  # no boundary yet, or one very long word so far: wait for its end
+
+    def _try_first_cut(self) -> Chunk | None:
+        min_tokens = self.policy.first_min_tokens
         for match in _SENTENCE_END.finditer(self._buffer):
             cut = match.end(1)
             if self._tokens_before(cut) >= min_tokens and not self._is_abbreviation(match.start()):
                 return self._emit(cut, ends_sentence=True)
-        if len(self._token_starts) <= max_tokens:
+        if len(self._token_starts) <= self.policy.first_max_tokens:
             return None
         for pattern in (_CLAUSE_END, _WORD_END):
-            cut = self._last_cut(pattern, min_tokens)
-            if cut:
-                return self._emit(cut, ends_sentence=False)
-        return None  # one very long word so far: wait for its end
+            cuts = self._cuts(pattern, min_tokens)
+            if cuts:
+                return self._emit(cuts[-1], ends_sentence=False)
+        return None  # one very long word since the min: wait for its end
 
-    def _last_cut(self, pattern: re.Pattern[str], min_tokens: int) -> int:
-        """The latest boundary of `pattern` that still leaves at least `min_tokens` before it."""
+    def _cuts(self, pattern: re.Pattern[str], min_tokens: int) -> list[int]:
+        """The boundaries of `pattern` with at least `min_tokens` before them."""
         # A cut must leave some visible text before it, or the chunk would be only whitespace.
-        cuts = [
-            m.end(1) for m in pattern.finditer(self._buffer) if self._buffer[: m.end(1)].strip()
+        return [
+            cut
+            for cut in (match.end(1) for match in pattern.finditer(self._buffer))
+            if self._tokens_before(cut) >= min_tokens and self._buffer[:cut].strip()
         ]
-        good = [cut for cut in cuts if self._tokens_before(cut) >= min_tokens]
-        return (good or cuts or [0])[-1]
 
     def _is_abbreviation(self, punctuation_at: int) -> bool:
         head = self._buffer[: punctuation_at + 1]

@@ -122,9 +122,18 @@ class Generation:
         """Pull tokens, cut chunks, wait for continue between chunks, then send `done`."""
         chunker = SentenceChunker(self.policy)
         tokens = self.backend.generate(self.request, self.stats)
+        counted = 0  # completion tokens handed to the chunker
         try:
-            async for token in tokens:
-                for chunk in chunker.push(token):
+            async for text in tokens:
+                if not text:
+                    continue  # its tokens are counted with the next text
+                # The backend counts every token it generates, but a token whose text is not
+                # complete yet (part of a UTF-8 character, a possible stop string) is yielded
+                # with a later one: hand the chunker the true count, so chunk token counts add
+                # up to the tokens generated.
+                new = max(0, self.stats.completion_tokens - counted)
+                counted += new
+                for chunk in chunker.push(text, new):
                     await self._send(chunk)
                     await self._await_release(chunk.index)
         finally:

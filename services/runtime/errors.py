@@ -2,8 +2,10 @@
 
 Servicers and backends raise `ServiceError` subclasses; `rpc_errors` (a decorator for servicer
 methods) aborts the call with the error's status code, its message and, for field errors, a
-`google.rpc.BadRequest` detail naming the field. Anything unexpected becomes INTERNAL with a generic
-message and a logged traceback, so no internals leak to clients.
+`google.rpc.BadRequest` detail naming the field. A request that grpc cannot decode (protobuf's
+DecodeError, e.g. a string field that is not UTF-8) is the client's fault: INVALID_ARGUMENT.
+Anything unexpected becomes INTERNAL with a generic message and a logged traceback, so no internals
+leak to clients.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -107,12 +110,19 @@ def _google_code(code: grpc.StatusCode) -> int:
 
 
 _GENERIC_INTERNAL = "internal error; the server logged the details"
+_UNDECODABLE = (
+    "a request message could not be decoded: it is not valid protobuf for this method, or a "
+    "string field is not valid UTF-8 (proto3 strings must be UTF-8)"
+)
 
 Method = TypeVar("Method", bound=Callable[..., AsyncIterator[Any]])
 
 
 async def abort_for(context: grpc.aio.ServicerContext, err: Exception, where: str) -> None:
     """End the call for `err`: its own status for a ServiceError, a generic INTERNAL otherwise."""
+    if isinstance(err, DecodeError):
+        # Raised by grpc.aio while it deserializes a request of the stream: the client's fault.
+        err = InvalidArgument(_UNDECODABLE)
     if isinstance(err, ServiceError):
         log.info("rpc ended with %s: %s", err.code.name, err.message)
         await context.abort_with_status(err.to_status())
