@@ -25,6 +25,8 @@ from nemotron_speech.targets import target_of
 PROJECT = "nemotron-speech"
 STAGES = ("asr", "tts", "llm")
 GPU_SERVICE = "speech-gpu"  # the one GPU container that runs all three servers
+#: The voice bot's service in each profile (deploy/compose.yaml).
+BOT_SERVICES = {"cpu": "bot", "gpu": "bot-gpu"}
 ALL_PROFILES = ("--profile", "cpu", "--profile", "gpu", "--profile", "vllm")
 
 
@@ -70,6 +72,11 @@ def add_stack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
         for stage in STAGES:
             parser.add_argument(f"--no-{stage}", action="store_true", help=f"leave out {stage}")
         parser.add_argument(
+            "--no-bot",
+            action="store_true",
+            help="leave out the voice bot (it runs only with all three stages)",
+        )
+        parser.add_argument(
             "-f", "--follow", action="store_true", help="follow the logs after starting"
         )
     actions.add_parser("stop", help="stop and remove the stack's containers")
@@ -77,7 +84,9 @@ def add_stack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
     status.add_argument("--host", default="127.0.0.1", help="where the servers' ports are")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds per server")
     logs = actions.add_parser("logs", help="follow the logs of one service or all")
-    logs.add_argument("service", nargs="?", choices=(*STAGES, "jaeger", "vllm", GPU_SERVICE))
+    logs.add_argument(
+        "service", nargs="?", choices=(*STAGES, "bot", "bot-gpu", "jaeger", "vllm", GPU_SERVICE)
+    )
     shell = actions.add_parser("shell", help="a shell in a running service container")
     shell.add_argument("service", nargs="?", default="", choices=("", *STAGES, GPU_SERVICE))
 
@@ -135,7 +144,9 @@ def _start(compose: list[str], compose_file: Path, args: argparse.Namespace) -> 
             return 2
         env["MODELS_DIR"] = str(model_path.parent)
         env["NEMOTRON_LLM_MODEL"] = f"/models/{model_path.name}"
-    services = [GPU_SERVICE, *profiles[1:]] if profile == "gpu" else stages
+    services = [GPU_SERVICE, *profiles[1:]] if profile == "gpu" else list(stages)
+    if len(stages) == len(STAGES) and not args.no_bot:
+        services.append(BOT_SERVICES[profile])
     selected = [flag for name in profiles for flag in ("--profile", name)]
     code = _run([*compose, *selected, "up", "--detach", "--wait", *services, "jaeger"], env=env)
     if code == 0:

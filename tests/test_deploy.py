@@ -92,6 +92,36 @@ def test_stack_has_the_expected_services_profiles_and_ports(compose):
             assert port.startswith("127.0.0.1:"), f"{port} would be published on every interface"
 
 
+@pytest.mark.parametrize("name", ["bot", "bot-gpu"])
+def test_bot_services_run_a_real_bot_against_the_published_server_ports(compose, name):
+    service = compose["services"][name]
+    parsed = build_parser().parse_args(service["command"][1:])
+    assert parsed.command == "bot" and parsed.name in (
+        "interleaved_streaming",
+        "simple_vad",
+        "vllm",
+    )
+    assert service["command"][-4:] == ["--host", "127.0.0.1", "--port", "7860"]
+    assert service["network_mode"] == "host"  # WebRTC media ports cannot be published
+    servers = compose["services"]["speech-gpu" if name == "bot-gpu" else "asr"]
+    assert set(service["depends_on"]) <= set(compose["services"])
+    assert all(d["condition"] == "service_healthy" for d in service["depends_on"].values())
+    published = {
+        port.rsplit(":", 1)[1]
+        for s in ("asr", "tts", "llm", "speech-gpu")
+        for port in compose["services"][s]["ports"]
+    }
+    for variable in ("NVIDIA_ASR_URL", "NVIDIA_TTS_URL", "NVIDIA_LLM_URL"):
+        host, port = service["environment"][variable].rsplit(":", 1)
+        assert host == "127.0.0.1" and port in published, variable
+    assert servers["profiles"] == service["profiles"]
+
+
+def test_root_compose_file_includes_the_stack():
+    root = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert root["include"] == ["deploy/compose.yaml"]
+
+
 def _nemotron_env(environment: dict[str, str]) -> dict[str, dict[str, str]]:
     by_service: dict[str, dict[str, str]] = {"ASR": {}, "TTS": {}, "LLM": {}}
     for key, value in environment.items():

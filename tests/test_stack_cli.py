@@ -107,6 +107,7 @@ async def test_start_gpu_llamacpp_q4_with_a_model_file(docker_log, tmp_path):
         "--detach",
         "--wait",
         "speech-gpu",
+        "bot-gpu",
         "jaeger",
     ]
     env = call["env"]
@@ -115,6 +116,18 @@ async def test_start_gpu_llamacpp_q4_with_a_model_file(docker_log, tmp_path):
     assert env["NEMOTRON_LLM_MODEL"] == "/models/my-nano.gguf"
     assert env["NEMOTRON_LLM_BACKEND"] == "llama_cpp"
     assert env["NEMOTRON_STAGES"] == "asr tts llm"
+
+
+async def test_start_cpu_with_every_stage_adds_the_bot_unless_told_not_to(docker_log):
+    code, out, _ = await cli("stack", "start", "--profile", "cpu", env=fake_env(docker_log))
+    assert code == 0, out
+    code, out, _ = await cli(
+        "stack", "start", "--profile", "cpu", "--no-bot", env=fake_env(docker_log)
+    )
+    assert code == 0, out
+    with_bot, without_bot = calls(docker_log)
+    assert compose_args(with_bot)[-5:] == ["asr", "tts", "llm", "bot", "jaeger"]
+    assert compose_args(without_bot)[-4:] == ["asr", "tts", "llm", "jaeger"]
 
 
 async def test_start_gpu_vllm_adds_the_vllm_profile(docker_log):
@@ -144,7 +157,7 @@ async def test_start_gpu_vllm_adds_the_vllm_profile(docker_log):
 async def test_start_follows_logs_with_f(docker_log):
     code, _, _ = await cli("stack", "start", "--profile", "cpu", "-f", env=fake_env(docker_log))
     assert code == 0
-    assert [compose_args(c)[-2:] for c in calls(docker_log)] == [["llm", "jaeger"], ["logs", "-f"]]
+    assert [compose_args(c)[-2:] for c in calls(docker_log)] == [["bot", "jaeger"], ["logs", "-f"]]
 
 
 async def test_stop_restart_logs_and_shell(docker_log):
