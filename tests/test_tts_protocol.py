@@ -219,3 +219,35 @@ async def test_list_voices(tts_stub):
     ]
     german = (await tts_stub.ListVoices(tts_pb2.ListVoicesRequest(language="de-DE"))).voices
     assert [v.name for v in german] == ["low-tone"]
+
+
+async def test_cancel_while_the_client_is_not_reading_drops_the_backlog(tts_stub, tts_backend):
+    tts_backend.word_delay_s = 0.0
+    call = tts_stub.Synthesize()
+    await call.write(config())
+    for index in range(4):  # 400 s of audio, 4,000 chunks
+        await call.write(text(f"flood{index}", " ".join(["w"] * 1000)))
+    await asyncio.sleep(0.5)  # the server fills every buffer and waits for the reader
+    await call.write(CANCEL)
+    await call.write(text("next", "after the cancel"))
+    await call.done_writing()
+    responses = await read_rest(call)
+    acked = kinds(responses).index("cancelled")
+    old = responses[0].stream_created.stream_id
+    # gRPC buffers megabytes for a client that does not read, so a segment or two may be done.
+    completed = kinds(responses[:acked]).count("segment_complete")
+    assert (responses[acked].cancelled.stream_id, responses[acked].cancelled.dropped_segments) == (
+        old,
+        4 - completed,
+    )
+    backlog = [r.audio for r in responses[:acked] if r.HasField("audio")]
+    assert {a.stream_id for a in backlog} == {old}
+    assert len(backlog) < 4000  # the rest was never made, or made and dropped unsent
+    assert kinds(responses)[acked + 1 :] == [
+        "stream_created",
+        "audio",
+        "audio",
+        "audio",
+        "segment_complete",
+        "done",
+    ]

@@ -53,15 +53,19 @@ LANGUAGES = ("en", "es", "de", "fr", "vi", "it", "zh")
 CONTEXT_FRAMES = 2
 #: Frames whose audio is held back at the end of a chunk and crossfaded with the next one.
 OVERLAP_FRAMES = 1
+#: Fewest frames the codec decodes: its decoder's first convolution pads 3 frames each side
+#: (NeMo's `min_generated_frames` of 4 "lines up with the codec's minimum frame requirement").
+MIN_DECODE_FRAMES = 4
 
 
 class FrameDecoder:
     """Turns a growing sequence of codec frames into audio, chunk by chunk, with crossfades.
 
     `decode` maps frames (codebooks x T int array) to audio; it must give the same number of
-    samples for every frame. Each chunk decodes its new frames plus `context` earlier ones,
-    emits everything but the last `overlap` frames, and holds those back to crossfade (linearly)
-    with the same frames of the next chunk. `flush` emits the rest.
+    samples for every frame. Each chunk decodes its new frames plus `context` earlier ones (more
+    when needed to reach `min_frames`), emits everything but the last `overlap` frames, and
+    holds those back to crossfade (linearly) with the same frames of the next chunk. `flush`
+    emits the rest.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class FrameDecoder:
         chunk_frames: int,
         context: int = CONTEXT_FRAMES,
         overlap: int = OVERLAP_FRAMES,
+        min_frames: int = MIN_DECODE_FRAMES,
     ) -> None:
         if chunk_frames <= overlap:
             raise ValueError("chunk_frames must exceed the overlap")
@@ -77,6 +82,7 @@ class FrameDecoder:
         self.chunk_frames = chunk_frames
         self.context = context
         self.overlap = overlap
+        self.min_frames = min_frames
         self.frames: list[np.ndarray] = []
         self.decoded_to = 0  # frames covered by emitted audio or the held-back tail
         self.tail = np.zeros(0, dtype=np.float32)
@@ -97,7 +103,8 @@ class FrameDecoder:
     def _chunk(self, final: bool) -> FloatAudio:
         end = len(self.frames)
         held = self.overlap if self.decoded_to else 0  # frames of the tail, before decoded_to
-        start = max(0, self.decoded_to - held - self.context)
+        # More left context where the window would be too short for the codec (the flush).
+        start = max(0, min(self.decoded_to - held - self.context, end - self.min_frames))
         audio = self.decode(np.stack(self.frames[start:end], axis=1))
         per_frame = audio.size // (end - start)
         new = audio[(self.decoded_to - held - start) * per_frame :]
@@ -273,50 +280,59 @@ class MagpieTtsBackend(TtsBackend):
         running.codebook_size = int(model.codebook_size)
         _running.synthesis = running
         try:
-            tokenizer = get_tokenizer_for_language(language, list(model.tokenizer.tokenizers))
-            tokens, lengths, _ = chunk_text_for_inference(
-                text=text,
-                language=language,
-                tokenizer_name=tokenizer,
-                text_tokenizer=model.tokenizer,
-                eos_token_id=model.eos_id,
-            )
-            state = model.create_chunk_state(batch_size=1)
-            with torch.no_grad():
-                for index, (chunk, length) in enumerate(zip(tokens, lengths, strict=True)):
-                    if running.cancelled.is_set():
-                        break
-                    running.ended = False
-                    batch = {
-                        "text": chunk.unsqueeze(0).to(model.device),
-                        "text_lens": torch.tensor([length], device=model.device),
-                        "speaker_indices": speaker,
-                    }
-                    model.generate_speech(
-                        batch,
-                        chunk_state=state,
-                        end_of_text=[index == len(tokens) - 1],
-                        beginning_of_text=index == 0,
-                        use_cfg=True,
-                        use_local_transformer_for_inference=True,
-                    )
+            self._frames(text, language, speaker, running)
+            if stream is not None and not running.cancelled.is_set():
+                stream(decoder.flush())
         finally:
             _running.synthesis = None
-        if stream is not None:
-            if not running.cancelled.is_set():
-                stream(decoder.flush())
-            stream(None)
-            return np.zeros(0, dtype=np.float32)
-        if not frames:
+            if stream is not None:
+                stream(None)  # also after an error: the reader waits for it, then sees the error
+        if stream is not None or not frames:
             return np.zeros(0, dtype=np.float32)
         return self._decode(np.stack(frames, axis=1))
+
+    def _frames(self, text: str, language: str, speaker: int, running: _Synthesis) -> None:
+        """Run NeMo's frame loop over the text's chunks; frames reach `running.on_frame`."""
+        model = self._model
+        tokenizer = get_tokenizer_for_language(language, list(model.tokenizer.tokenizers))
+        tokens, lengths, _ = chunk_text_for_inference(
+            text=text,
+            language=language,
+            tokenizer_name=tokenizer,
+            text_tokenizer=model.tokenizer,
+            eos_token_id=model.eos_id,
+        )
+        state = model.create_chunk_state(batch_size=1)
+        with torch.no_grad():
+            for index, (chunk, length) in enumerate(zip(tokens, lengths, strict=True)):
+                if running.cancelled.is_set():
+                    break
+                running.ended = False
+                batch = {
+                    "text": chunk.unsqueeze(0).to(model.device),
+                    "text_lens": torch.tensor([length], device=model.device),
+                    "speaker_indices": speaker,
+                }
+                model.generate_speech(
+                    batch,
+                    chunk_state=state,
+                    end_of_text=[index == len(tokens) - 1],
+                    beginning_of_text=index == 0,
+                    use_cfg=True,
+                    use_local_transformer_for_inference=True,
+                )
 
     def _decode(self, frames: np.ndarray) -> FloatAudio:
         """Codes (codebooks x T) -> float32 audio at the codec's output rate."""
         model = self._model
+        count = frames.shape[1]
+        if count < MIN_DECODE_FRAMES:  # a very short segment: repeat its last frame, then trim
+            pad = np.repeat(frames[:, -1:], MIN_DECODE_FRAMES - count, axis=1)
+            frames = np.concatenate([frames, pad], axis=1)
         codes = torch.as_tensor(frames, dtype=torch.long, device=model.device).unsqueeze(0)
         lengths = torch.tensor([codes.shape[-1]], device=model.device)
         with torch.no_grad():
             audio, audio_lengths, _ = model._codec_helper.codes_to_audio(codes, lengths)
         samples: FloatAudio = audio[0, : int(audio_lengths[0])].float().cpu().numpy()
+        samples = samples[: samples.size * count // frames.shape[1]]
         return np.clip(samples, -1.0, 1.0).astype(np.float32)
