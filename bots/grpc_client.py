@@ -27,7 +27,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 def open_channel(target: str) -> grpc.aio.Channel:
     """An insecure channel to a loopback or private-network target, with bounded messages.
 
-    Keepalive pings let a client notice a server that vanished without closing its sockets.
+    Keepalive pings let a client notice a server that vanished without closing its sockets; the
+    channel's own reconnect backoff is capped at 5 s (gRPC's default grows to 120 s), so a server
+    back from a long outage is found as soon as our own `Backoff` asks again.
     """
     return grpc.aio.insecure_channel(
         target,
@@ -38,6 +40,7 @@ def open_channel(target: str) -> grpc.aio.Channel:
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
         ],
     )
 
@@ -73,7 +76,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The next wait, growing with each failed attempt."""
-        delay = min(self.ceiling_s, self.first_s * 2**self.attempt)
+        delay = min(self.ceiling_s, self.first_s * 2.0**self.attempt)
         self.attempt += 1
         return delay * random.uniform(0.8, 1.2)
 

@@ -11,12 +11,15 @@ the sequence at once.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import grpc
 from loguru import logger
+from opentelemetry import trace
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -32,13 +35,15 @@ from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame, segment_id_of
-from bots.grpc_client import describe, open_channel, trace_metadata
+from bots.grpc_client import describe, open_channel
+from bots.tracing import ClientSpans
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
+from services.runtime.trace_types import GEN_AI_OPERATION, SPAN_BOT_LLM
 
 ROLES = frozenset({"system", "user", "assistant"})
 
 
-def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[llm_pb2.ChatMessage]:
+def chat_messages(messages: Sequence[Any]) -> list[llm_pb2.ChatMessage]:
     """Pipecat context messages as the contract's chat messages.
 
     Text parts of multi-part content are joined; tool calls, images and empty turns are left
@@ -46,6 +51,8 @@ def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[llm_pb2.ChatMes
     """
     chat = []
     for message in messages:
+        if not isinstance(message, Mapping):
+            continue  # provider-specific messages carry no plain chat
         role = message.get("role")
         content = message.get("content")
         if isinstance(content, list):
@@ -66,8 +73,8 @@ class GrpcChunkedLLMService(AIService):
         first_chunk_min_tokens: Smallest first chunk (0: the server's default).
         first_chunk_max_tokens: Largest first chunk (0: the server's default).
         wait_for_continue: Generate each next chunk only when the TTS finished the last one.
-        chunk_timeout_s: Longest wait for the next message from the server; past it the response
-            ends with an error (a stalled server).
+        chunk_timeout_s: Longest wait for a connection to the server (one that is restarting)
+            and for each next message from it; past it the response ends with an error.
         **kwargs: Passed to Pipecat's `AIService`.
     """
 
@@ -98,6 +105,8 @@ class GrpcChunkedLLMService(AIService):
         self._call: grpc.aio.StreamStreamCall | None = None
         self._request_id = ""
         self._received: set[int] = set()
+        self._spans = ClientSpans(self)
+        self._first_chunk_at: float | None = None
 
     def can_generate_metrics(self) -> bool:
         """TTFB (start sent to first chunk) and token usage go to Pipecat's metrics."""
@@ -143,33 +152,50 @@ class GrpcChunkedLLMService(AIService):
             return
         self._request_id = request_id = uuid.uuid4().hex[:12]
         self._received = set()
-        call = llm_pb2_grpc.LlmServiceStub(self._channel).GenerateChunks(metadata=trace_metadata())
+        span = self._spans.start(SPAN_BOT_LLM, **{GEN_AI_OPERATION: "chat"})
+        started = time.perf_counter()
+        self._first_chunk_at = None
+        # wait_for_ready: a server that is (re)starting is waited for, within chunk_timeout_s,
+        # rather than failing every response until the channel's next reconnect attempt. The
+        # span is current while the call starts, so the gRPC client instrumentation carries it.
+        with trace.use_span(span, end_on_exit=False) if span is not None else nullcontext():
+            call = llm_pb2_grpc.LlmServiceStub(self._channel).GenerateChunks(wait_for_ready=True)
         self._call = call
         await self.push_frame(LLMFullResponseStartFrame())
         await self.start_ttfb_metrics()
         await self.start_processing_metrics()
         try:
-            await call.write(
-                llm_pb2.GenerateChunksRequest(
-                    start=llm_pb2.StartGeneration(
-                        request_id=request_id,
-                        messages=messages,
-                        sampling=self.sampling,
-                        chunking=self.chunking,
-                        conversation_id=self.conversation_id,
-                        trace_context=dict(trace_metadata()),
-                    )
-                )
+            start = llm_pb2.StartGeneration(
+                request_id=request_id,
+                messages=messages,
+                sampling=self.sampling,
+                chunking=self.chunking,
+                conversation_id=self.conversation_id,
+                trace_context=ClientSpans.carrier(span),
+            )
+            await asyncio.wait_for(
+                call.write(llm_pb2.GenerateChunksRequest(start=start)), self.chunk_timeout_s
             )
             await self._read_chunks(call, request_id)
         except (grpc.aio.AioRpcError, TimeoutError) as error:
-            await self.push_error(f"LLM request {request_id} failed: {describe(error)}")
+            await self.push_error(f"LLM request {request_id} failed: {self._explain(error)}")
         finally:
+            first = self._first_chunk_at
+            ClientSpans.end(span, ttfb_ms=None if first is None else 1000 * (first - started))
             call.cancel()  # no-op after a clean end; frees the server's sequence otherwise
             self._call = None
             self._request_id = ""
             await self.stop_processing_metrics()
             await self.push_frame(LLMFullResponseEndFrame())
+
+    def _explain(self, error: BaseException) -> str:
+        channel = self._channel
+        if isinstance(error, TimeoutError) and channel is not None:
+            if channel.get_state() != grpc.ChannelConnectivity.READY:
+                return (
+                    f"UNAVAILABLE: no connection to {self.target} within {self.chunk_timeout_s:g} s"
+                )
+        return describe(error)
 
     async def _read_chunks(self, call: grpc.aio.StreamStreamCall, request_id: str) -> None:
         while True:
@@ -181,6 +207,7 @@ class GrpcChunkedLLMService(AIService):
                 return
             chunk = response.chunk
             if chunk.index == 0:
+                self._first_chunk_at = time.perf_counter()
                 await self.stop_ttfb_metrics()
             self._received.add(chunk.index)
             await self.push_frame(

@@ -28,6 +28,7 @@ from pipecat.turns.user_turn_processor import UserTurnProcessor
 
 from bots.llm import GrpcChunkedLLMService
 from bots.stt import GrpcSTTService
+from bots.tracing import tracing_on
 from bots.tts import GrpcTTSService
 from bots.turns import aggregator_turns, turn_detection
 from nemotron.speech.v1 import llm_pb2
@@ -116,6 +117,16 @@ def build_pipeline(
     return pipeline, services
 
 
+def turns_of(context: LLMContext, role: str) -> list[str]:
+    """The text of the context's messages of `role`, oldest first."""
+    texts = []
+    for message in context.get_messages():
+        if isinstance(message, dict) and message.get("role") == role:
+            content = message.get("content")
+            texts.append(content if isinstance(content, str) else str(content))
+    return texts
+
+
 def voice_to_voice_observer(bot: str) -> UserBotLatencyObserver:
     """Logs, per turn, the time from the user's end of speech to the bot's first audio."""
     observer = UserBotLatencyObserver()
@@ -134,7 +145,8 @@ def build_worker(config: BotConfig, transport: BaseTransport) -> tuple[PipelineW
         pipeline,
         params=PipelineParams(enable_metrics=True, enable_usage_metrics=True),
         observers=[voice_to_voice_observer(config.name)],
-        enable_tracing=True,
+        # Pipecat's conversation and turn spans: the parents of the adapters' client spans.
+        enable_tracing=tracing_on(),
         conversation_id=services.llm.conversation_id,
     )
     if config.greeting:

@@ -17,6 +17,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from bots.names import BOTS
 from bots.pipeline import BotConfig, build_worker
+from bots.tracing import configure_bot_tracing
 
 
 def _transport_params() -> dict[str, object]:
@@ -33,6 +34,7 @@ def _transport_params() -> dict[str, object]:
 
 async def run_bot(config: BotConfig, runner_args: RunnerArguments) -> None:
     """Run one session of `config` on the transport the runner connected."""
+    configure_bot_tracing()
     transport = await create_transport(runner_args, _transport_params())  # type: ignore[arg-type]
     worker, _services = build_worker(config, transport)
 

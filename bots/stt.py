@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
+from collections.abc import AsyncGenerator
 
 import grpc
 from loguru import logger
+from opentelemetry.trace import Span
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -38,7 +41,9 @@ from pipecat.services.stt_service import STTService
 from pipecat.utils.time import time_now_iso8601
 
 from bots.grpc_client import Backoff, describe, is_retryable, open_channel, trace_metadata
+from bots.tracing import ClientSpans
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, common_pb2
+from services.runtime.trace_types import ATTR_CANCELLED, ATTR_UTTERANCE_ID, SPAN_BOT_STT
 
 Request = asr_pb2.StreamingRecognizeRequest
 
@@ -89,6 +94,7 @@ class GrpcSTTService(STTService):
         self._finals: dict[str, asyncio.Future[str]] = {}
         self._utterances = itertools.count(1)
         self._conversation = uuid.uuid4().hex[:8]
+        self._spans = ClientSpans(self)
 
     def can_generate_metrics(self) -> bool:
         """TTFB (speech end to final transcript) is reported through Pipecat's metrics."""
@@ -126,7 +132,7 @@ class GrpcSTTService(STTService):
 
     # ---- audio in ------------------------------------------------------------------------------
 
-    async def run_stt(self, audio: bytes):  # type: ignore[no-untyped-def, override]
+    async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Queue one audio chunk for the server; results arrive on the reader."""
         if self.connected:
             self._offer(Request(audio=audio))
@@ -160,21 +166,31 @@ class GrpcSTTService(STTService):
         utterance_id = f"{self._conversation}-{next(self._utterances)}"
         final: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._finals[utterance_id] = final
+        span = self._spans.start(SPAN_BOT_STT, **{ATTR_UTTERANCE_ID: utterance_id})
         self._offer(
             Request(
                 finalize=asr_pb2.Finalize(
-                    utterance_id=utterance_id, trace_context=dict(trace_metadata())
+                    utterance_id=utterance_id, trace_context=ClientSpans.carrier(span)
                 )
             )
         )
-        self.create_task(self._release_after_final(stopped, utterance_id, final), "grpc-stt-hold")
+        self.create_task(
+            self._release_after_final(stopped, utterance_id, final, span), "grpc-stt-hold"
+        )
 
     async def _release_after_final(
-        self, stopped: UserStoppedSpeakingFrame, utterance_id: str, final: asyncio.Future[str]
+        self,
+        stopped: UserStoppedSpeakingFrame,
+        utterance_id: str,
+        final: asyncio.Future[str],
+        span: Span | None,
     ) -> None:
+        sent = time.perf_counter()
         try:
             await asyncio.wait_for(asyncio.shield(final), self.finalize_timeout_s)
+            ClientSpans.end(span, ttfb_ms=1000 * (time.perf_counter() - sent))
         except TimeoutError:
+            ClientSpans.end(span, **{ATTR_CANCELLED: True})
             logger.warning(
                 f"{self}: no final transcript for {utterance_id} within "
                 f"{self.finalize_timeout_s:g} s; ending the turn with what arrived"

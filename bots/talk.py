@@ -23,7 +23,8 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.workers.runner import WorkerRunner
 
 from bots.names import DEFAULT_BOT
-from bots.pipeline import BotConfig, build_worker
+from bots.pipeline import BotConfig, build_worker, turns_of
+from bots.tracing import configure_bot_tracing, flush_bot_tracing
 from bots.wav_transport import WavFileTransport, read_wav, write_wav
 
 STAGES = {"GrpcSTTService": "asr", "GrpcChunkedLLMService": "llm", "GrpcTTSService": "tts"}
@@ -44,8 +45,8 @@ class TurnWatch(BaseObserver):
         frame = data.frame
         if isinstance(frame, MetricsFrame):
             for metric in frame.data:
-                stage = STAGES.get(metric.processor.split("#")[0])
-                first = stage and stage not in self.ttfb_ms
+                stage = STAGES.get(metric.processor.split("#")[0], "")
+                first = bool(stage) and stage not in self.ttfb_ms
                 if isinstance(metric, TTFBMetricsData) and first and metric.value > 0:
                     self.ttfb_ms[stage] = 1000 * metric.value
         elif isinstance(frame, UserStoppedSpeakingFrame) and self.user_stopped_at is None:
@@ -60,6 +61,7 @@ async def talk(
     question: Path, reply: Path, bot: str = DEFAULT_BOT, timeout_s: float = 120.0
 ) -> int:
     """Run one turn; returns the process exit code."""
+    configure_bot_tracing()
     config: BotConfig = importlib.import_module(f"bots.{bot}").CONFIG
     transport = WavFileTransport(read_wav(question, 16000))
     worker, services = build_worker(config, transport)
@@ -76,11 +78,11 @@ async def talk(
     finally:
         await worker.cancel()
         await running
+        flush_bot_tracing()
     played = transport.output().played
     write_wav(reply, played.pcm, played.sample_rate)
-    messages = services.context.get_messages()
-    said = [m["content"] for m in messages if m["role"] == "user"]
-    answered = [m["content"] for m in messages if m["role"] == "assistant"]
+    said = turns_of(services.context, "user")
+    answered = turns_of(services.context, "assistant")
     print(f"transcript: {said[-1] if said else ''}")
     print(f"reply:      {answered[-1] if answered else ''}")
     for stage in ("asr", "llm", "tts"):

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from loguru import logger
+from opentelemetry.trace import Span
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -46,7 +48,15 @@ from pipecat.utils.text.base_text_aggregator import TextType
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame
 from bots.grpc_client import Backoff, describe, is_retryable, open_channel, trace_metadata
+from bots.tracing import ClientSpans
 from nemotron.speech.v1 import common_pb2, tts_pb2, tts_pb2_grpc
+from services.runtime.trace_types import (
+    ATTR_AUDIO_MS,
+    ATTR_CANCELLED,
+    ATTR_SEGMENT_ID,
+    ATTR_TTFB_MS,
+    SPAN_BOT_TTS,
+)
 
 Request = tts_pb2.SynthesizeRequest
 
@@ -61,6 +71,8 @@ class _Segment:
     mode: int
     ends_sentence: bool
     started: bool = False
+    span: Span | None = None
+    sent_at: float = field(default_factory=time.perf_counter)
 
 
 class GrpcTTSService(AIService):
@@ -110,6 +122,7 @@ class GrpcTTSService(AIService):
         self._segments_in_response = 0
         self._speaking = False
         self._text_ids = itertools.count()
+        self._spans = ClientSpans(self)
         self._response = uuid.uuid4().hex[:8]
 
     def can_generate_metrics(self) -> bool:
@@ -122,7 +135,7 @@ class GrpcTTSService(AIService):
         self._channel = open_channel(self.target)
         self._session_task = self.create_task(self._keep_session(), "grpc-tts-session")
 
-    async def setup(self, setup: FrameProcessorSetup) -> None:
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         """Speak at the pipeline's output rate (the server resamples)."""
         await super().setup(setup)
         self.sample_rate = setup.audio_out_sample_rate
@@ -177,12 +190,12 @@ class GrpcTTSService(AIService):
         mode = tts_pb2.SYNTHESIS_MODE_STREAM if stream_first else tts_pb2.SYNTHESIS_MODE_BATCH
         self._segments_in_response += 1
         segment = _Segment(segment_id, text, mode, ends_sentence)
+        segment.span = self._spans.start(SPAN_BOT_TTS, **{ATTR_SEGMENT_ID: segment_id})
         self._pending[segment_id] = segment
         self._all_spoken.clear()
         if stream_first:
             await self.start_ttfb_metrics()
         await self._send_segment(segment)
-        self._stream_open = True
 
     async def _send_segment(self, segment: _Segment) -> None:
         call = self._call
@@ -195,10 +208,13 @@ class GrpcTTSService(AIService):
                         segment_id=segment.segment_id,
                         text=segment.text,
                         mode=segment.mode,  # type: ignore[arg-type]
-                        trace_context=dict(trace_metadata()),
+                        trace_context=ClientSpans.carrier(segment.span),
                     )
                 )
             )
+            # Set here, not in _speak: a segment re-sent on a re-opened call opens a stream too,
+            # which an interruption must cancel.
+            self._stream_open = True
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
             logger.debug(f"{self}: segment {segment.segment_id} waits for the call: {error}")
 
@@ -231,6 +247,8 @@ class GrpcTTSService(AIService):
                 logger.debug(f"{self}: cancel not sent: {error}")
 
     def _forget_pending(self) -> None:
+        for segment in self._pending.values():
+            ClientSpans.end(segment.span, **{ATTR_CANCELLED: True})
         self._pending.clear()
         self._all_spoken.set()
 
@@ -305,6 +323,10 @@ class GrpcTTSService(AIService):
             return
         if not segment.started:
             segment.started = True
+            if segment.span is not None:
+                segment.span.set_attribute(
+                    ATTR_TTFB_MS, 1000 * (time.perf_counter() - segment.sent_at)
+                )
             await self.stop_ttfb_metrics()
             if not self._speaking:
                 self._speaking = True
@@ -320,6 +342,7 @@ class GrpcTTSService(AIService):
         segment = self._pending.pop(complete.segment_id, None)
         if segment is None:
             return
+        ClientSpans.end(segment.span, **{ATTR_AUDIO_MS: complete.audio_ms})
         if segment.ends_sentence and segment.started and self.sentence_pause_s > 0:
             silence = bytes(2 * int(self.sample_rate * self.sentence_pause_s))
             await self.push_frame(

@@ -77,7 +77,7 @@ class WavInput(BaseInputTransport):
     """Plays queued speech at real time, silence in between."""
 
     def __init__(self, params: TransportParams, speech: bytes = b"", **kwargs: object) -> None:
-        super().__init__(params, **kwargs)  # type: ignore[arg-type]
+        super().__init__(params, **kwargs)
         self._speech: asyncio.Queue[bytes] = asyncio.Queue()
         if speech:
             self._speech.put_nowait(speech)
@@ -134,7 +134,7 @@ class BufferOutput(BaseOutputTransport):
     """A speaker that records what it plays, at real time."""
 
     def __init__(self, params: TransportParams, **kwargs: object) -> None:
-        super().__init__(params, **kwargs)  # type: ignore[arg-type]
+        super().__init__(params, **kwargs)
         self.played = PlayedAudio()
 
     async def start(self, frame: StartFrame) -> None:

@@ -10,6 +10,10 @@ SPAN_TTS_SEGMENT = "tts.segment"  # text received -> segment_complete sent
 SPAN_LLM_REQUEST = "llm.request"  # start received -> done sent (gen_ai "chat")
 SPAN_LLM_CHUNK = "llm.chunk"  # generation of one chunk
 SPAN_TURN = "turn"  # pipecat's turn span on the bot side
+# The bot's client spans, children of the turn, parents of the servers' spans.
+SPAN_BOT_STT = "stt"  # finalize sent -> final transcript received
+SPAN_BOT_LLM = "llm"  # start sent -> done received
+SPAN_BOT_TTS = "tts"  # segment text sent -> segment_complete received
 
 # Attributes (OpenTelemetry semantic conventions where they exist).
 ATTR_TTFB_MS = "ttfb_ms"
