@@ -1,6 +1,6 @@
 """Runs a bot under Pipecat's development runner.
 
-SmallWebRTC with its browser client at http://localhost:7860/client by default; Daily with
+SmallWebRTC with our browser client at http://localhost:7860/client by default; Daily with
 `-t daily` (needs DAILY_API_KEY and the `daily` extra).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import runpy
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipecat.runner.types import RunnerArguments
 from pipecat.runner.utils import create_transport
@@ -18,6 +19,11 @@ from pipecat.workers.runner import WorkerRunner
 from bots.names import BOTS
 from bots.pipeline import BotConfig, build_worker
 from bots.tracing import configure_bot_tracing
+
+#: Our browser client: plain WebRTC, nothing fetched from the internet. The prebuilt client that
+#: Pipecat's runner mounts manages devices with daily-js, which downloads Daily's call-machine
+#: bundle from c.daily.co on Connect, so it cannot connect on an offline machine.
+CLIENT_PAGE = Path(__file__).with_name("client") / "index.html"
 
 
 def _transport_params() -> dict[str, object]:
@@ -47,12 +53,32 @@ async def run_bot(config: BotConfig, runner_args: RunnerArguments) -> None:
     await runner.run()
 
 
+def serve_client_page() -> None:
+    """Answer /client/ with CLIENT_PAGE, ahead of the runner's prebuilt UI (mounted later)."""
+    from fastapi.responses import FileResponse
+    from pipecat.runner.run import app
+
+    @app.get("/client/", include_in_schema=False)
+    async def _client() -> FileResponse:
+        return FileResponse(CLIENT_PAGE)
+
+
+def serve() -> None:
+    """Pipecat's runner for the bot module running as __main__ (flags from sys.argv)."""
+    from pipecat.runner.run import main as runner_main
+
+    if not any(arg in ("-t", "--transport") or arg.startswith("--transport=") for arg in sys.argv):
+        sys.argv += ["-t", "webrtc"]
+    if "daily" not in sys.argv and "--transport=daily" not in sys.argv:
+        serve_client_page()
+    runner_main()
+
+
 def main(name: str, argv: Sequence[str] = ()) -> None:
     """Serve bot `name` with Pipecat's runner; `argv` are the runner's flags (-t, --port...)."""
     if name not in BOTS:
         raise SystemExit(f"unknown bot {name!r}; choose one of: {', '.join(BOTS)}")
-    # The runner looks for `bot()` in __main__, so the bot module runs as __main__.
+    # The runner looks for `bot()` in __main__, so the bot module runs as __main__ (and calls
+    # serve() from there).
     sys.argv = [f"bots.{name}", *argv]
-    if not any(arg in ("-t", "--transport") or arg.startswith("--transport=") for arg in argv):
-        sys.argv += ["-t", "webrtc"]
     runpy.run_module(f"bots.{name}", run_name="__main__", alter_sys=True)

@@ -21,6 +21,6 @@ async def bot(runner_args: RunnerArguments) -> None:
 
 
 if __name__ == "__main__":
-    from pipecat.runner.run import main
+    from bots.runner import serve
 
-    main()
+    serve()
