@@ -370,3 +370,39 @@ async def test_a_finalize_does_not_wait_behind_other_streams_interim_decodes():
     assert [h.text for h in answers] == ["heard 8000"]
     assert decoded == [8000], "the interim decode still in line was dropped, not run"
     assert order == ["busy", "final", "other interim"]
+
+
+async def test_without_interims_a_pause_decodes_ahead_of_the_finalize():
+    # interim_results off: no decode while the caller speaks, one at the pause, and the finalize
+    # that follows the pause reuses it instead of decoding the whole utterance again.
+    decode_s = 0.2
+    decoded: list[int] = []
+    backend = slow_whisper(decode_s, decoded)
+    events: StreamQueue[RecognizerEvent] = StreamQueue(64)
+    voiced = np.full(320, 0.3, dtype=np.float32)
+    quiet = np.zeros(320, dtype=np.float32)
+    decodes_while_speaking: list[int] = []
+
+    async def feed() -> None:
+        for _ in range(50):  # 1 s of speech at real time
+            await events.put(AudioEvent(voiced))
+            await asyncio.sleep(0.02)
+        decodes_while_speaking.append(len(decoded))
+        for _ in range(25):  # then 0.5 s of pause before the client's finalize
+            await events.put(AudioEvent(quiet))
+            await asyncio.sleep(0.02)
+        await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
+        events.close()
+
+    feeder = asyncio.create_task(feed())
+    results: list[tuple[Hypothesis, float]] = []
+    async for hypothesis in backend.recognize(StreamOptions("s", "en", False), events):
+        results.append((hypothesis, time.perf_counter()))
+    await feeder
+    backend._pool.close()
+    assert decodes_while_speaking == [0]
+    assert len(decoded) == 1, "one decode, at the pause; the finalize reused it"
+    final, answered_at = next((h, t) for h, t in results if h.answers is not None)
+    assert final.text.startswith("heard ") and int(final.text.split()[1]) >= 16000
+    assert final.answers is not None
+    assert answered_at - final.answers.received_at < decode_s

@@ -59,6 +59,11 @@ class UtteranceAudio:
         self._size += samples.size
         self._gate(max(0, start - start % self._frame))
 
+    @property
+    def trailing_silence_s(self) -> float:
+        """Seconds of silence since the last voiced frame (the whole buffer if none was voiced)."""
+        return (self._size - self.voiced_end) / self.sample_rate_hz
+
     def silent_after(self, position: int) -> bool:
         """True when nothing after sample `position` rose above the energy gate."""
         return self.voiced_end <= position

@@ -10,7 +10,9 @@ Two shortcuts keep finalize latency low without changing the text: an utterance 
 never rose above the energy gate is answered with empty text without a decode (Whisper would
 otherwise hallucinate "you" on silence), and when everything after the last decoded prefix is
 silence (the client's VAD waited for the pause before finalizing) that decode's text is the
-answer. Otherwise the finalize waits for one decode of the whole utterance; an interim decode of
+answer. A stream without interim results still decodes once at each pause (`PAUSE_DECODE_S` of
+silence after new speech), where a finalize is likely to follow, so that shortcut serves it too;
+its text is never sent as an interim. Otherwise the finalize waits for one decode of the whole utterance; an interim decode of
 the stream still waiting in line for the decode thread is dropped first (the final decode hears
 more), so a finalize never waits behind other streams' interim decodes.
 """
@@ -58,6 +60,9 @@ logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 SAMPLE_RATE = 16000
 #: New audio an utterance needs before another interim decode is worth its CPU.
 INTERIM_STEP_S = 0.25
+#: Without interim results, a pause this long after new speech starts the decode that a finalize
+#: will probably reuse (shorter than any client's end-of-turn wait, longer than a breath).
+PAUSE_DECODE_S = 0.15
 #: Stability of interim results: Whisper may rewrite any word until the final decode.
 INTERIM_STABILITY = 0.5
 #: Whisper's no-speech rule: a segment is dropped when the model thinks it is not speech.
@@ -237,13 +242,13 @@ class _WhisperStream:
         return None if event is None else [event]
 
     def _start_interim(self) -> None:
-        if (
-            not self.options.interim_results
-            or self.interim is not None
-            or len(self.audio) - self.covered < INTERIM_STEP_S * SAMPLE_RATE
-            or self.audio.silent_after(self.covered)  # nothing new to hear
-        ):
-            return
+        if self.interim is not None or self.audio.silent_after(self.covered):
+            return  # one decode at a time; nothing new to hear
+        if self.options.interim_results:
+            if len(self.audio) - self.covered < INTERIM_STEP_S * SAMPLE_RATE:
+                return
+        elif self.audio.trailing_silence_s < PAUSE_DECODE_S:
+            return  # no interims wanted: decode only at a pause, ahead of the likely finalize
         self.interim_started = False
         self.interim = asyncio.create_task(
             self.backend.decode(Priority.INTERIM, self._interim_snapshot, self.options.language),
