@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.conversation import Targets
+from loadtest.conversation import CallPlan, Targets
 from loadtest.ramp import ramp, report, write_json, write_plot
 from nemotron.speech.v1 import tts_pb2, tts_pb2_grpc
 from nemotron_speech.targets import target_of
@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="a turn that takes longer fails with DEADLINE_EXCEEDED",
+    )
+    parser.add_argument(
+        "--no-interim",
+        action="store_true",
+        help="do not ask the ASR for interim results (the voice bots ask for them)",
+    )
+    parser.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="ask the next question as soon as the reply is synthesised, not after hearing it",
+    )
+    parser.add_argument(
+        "--no-stagger",
+        action="store_true",
+        help="start every caller at once instead of spreading them over the question's length",
     )
     parser.add_argument("--wav", type=Path, help="the caller's question (16 kHz mono WAV)")
     parser.add_argument(
@@ -123,9 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             question,
             steps,
             args.turns,
-            args.speed,
+            CallPlan(
+                speed=args.speed,
+                deadline_s=args.turn_deadline_s,
+                interim_results=not args.no_interim,
+                listen=not args.no_listen,
+                stagger=not args.no_stagger,
+            ),
             args.p95_bound_ms,
-            args.turn_deadline_s,
         )
     )
     print()

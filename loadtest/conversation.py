@@ -3,8 +3,9 @@
 Each turn streams the question's audio in 20 ms frames (at real time, or faster by `speed`),
 finalizes, sends the transcript with the conversation so far to the LLM with wait_for_continue,
 speaks every chunk through TTS, and releases the next chunk when its segment_complete arrives,
-as a voice bot does. The turn latency is finalize sent -> first reply audio received: the part of
-voice-to-voice latency that the servers own.
+as a voice bot does, then hears the reply out before the next question, as a person does. The
+ASR stream asks for interim results, as the voice bots do. The turn latency is finalize sent ->
+first reply audio received: the part of voice-to-voice latency that the servers own.
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ class Targets:
     llm: str
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """How every simulated caller behaves."""
+
+    speed: float = 1.0  # audio streaming speed; 1 is real time
+    deadline_s: float = 60.0  # a turn that takes longer fails with DEADLINE_EXCEEDED
+    interim_results: bool = True  # ask the ASR for interims, as the voice bots do
+    listen: bool = True  # hear the reply out (at `speed`) before asking the next question
+    # Callers call in one after another over the question's length, as people do, rather than
+    # all finalizing in the same 20 ms (which measures a thundering herd, not a load).
+    stagger: bool = True
+
+
 @dataclass
 class TurnResult:
     """Timings of one turn, in milliseconds (NaN-free: a failed turn records its error)."""
@@ -53,20 +67,23 @@ class CallerResult:
 class Caller:
     """One conversation: one ASR stream and one TTS stream for all turns, one LLM call per turn."""
 
-    def __init__(self, targets: Targets, question_pcm: bytes, speed: float, deadline_s: float):
+    def __init__(self, targets: Targets, question_pcm: bytes, plan: CallPlan):
+        self.question_s = len(question_pcm) / 32000 / plan.speed
         self.targets = targets
+        self.plan = plan
         self.frames = [
             question_pcm[i : i + 16 * FRAME_MS * 2]
             for i in range(0, len(question_pcm), 16 * FRAME_MS * 2)
         ]
-        self.speed = speed
-        self.deadline_s = deadline_s
         self.history: list[llm_pb2.ChatMessage] = [
             llm_pb2.ChatMessage(role="system", content=SYSTEM_PROMPT)
         ]
 
-    async def converse(self, turns: int, caller_id: int) -> CallerResult:
+    async def converse(
+        self, turns: int, caller_id: int, start_after_s: float = 0.0
+    ) -> CallerResult:
         """Run `turns` turns; a failed turn is recorded and ends the conversation."""
+        await asyncio.sleep(start_after_s)
         result = CallerResult()
         channels = [
             grpc.aio.insecure_channel(t)
@@ -78,7 +95,9 @@ class Caller:
         try:
             await asr.write(
                 asr_pb2.StreamingRecognizeRequest(
-                    config=asr_pb2.RecognitionConfig(sample_rate_hz=16000, interim_results=False)
+                    config=asr_pb2.RecognitionConfig(
+                        sample_rate_hz=16000, interim_results=self.plan.interim_results
+                    )
                 )
             )
             await asr.read()  # ready
@@ -87,7 +106,7 @@ class Caller:
             )
             for turn in range(turns):
                 try:
-                    async with asyncio.timeout(self.deadline_s):
+                    async with asyncio.timeout(self.plan.deadline_s):
                         result.turns.append(
                             await self._turn(asr, tts, llm, f"c{caller_id}-t{turn}")
                         )
@@ -114,7 +133,7 @@ class Caller:
         turn_id: str,
     ) -> TurnResult:
         timing = TurnResult()
-        interval = FRAME_MS / 1000 / self.speed
+        interval = FRAME_MS / 1000 / self.plan.speed
         started = time.perf_counter()
         for index, frame in enumerate(self.frames):
             await asr.write(asr_pb2.StreamingRecognizeRequest(audio=frame))
@@ -131,6 +150,9 @@ class Caller:
         self.history.append(llm_pb2.ChatMessage(role="user", content=transcript or "Hello?"))
         reply = await self._reply(llm, tts, turn_id, finalized, timing)
         self.history.append(llm_pb2.ChatMessage(role="assistant", content=reply or "Okay."))
+        if self.plan.listen:  # a person hears the reply out before speaking again
+            played = finalized + (timing.turn_ms + timing.reply_audio_ms / self.plan.speed) / 1000
+            await asyncio.sleep(max(0.0, played - time.perf_counter()))
         return timing
 
     async def _reply(

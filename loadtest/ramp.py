@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from loadtest.conversation import Caller, CallerResult, Targets
+from loadtest.conversation import Caller, CallerResult, CallPlan, Targets
 from loadtest.stats import Summary, table
 
 STAGES = ("asr_ttfb_ms", "llm_ttfb_ms", "tts_ttfb_ms", "turn_ms")
@@ -53,8 +53,7 @@ async def run_step(
     question_pcm: bytes,
     callers: int,
     turns: int,
-    speed: float,
-    deadline_s: float,
+    plan: CallPlan,
 ) -> StepResult:
     """`callers` conversations at once, `turns` turns each."""
     me = psutil.Process()
@@ -62,8 +61,10 @@ async def run_step(
     started = time.perf_counter()
     results: list[CallerResult] = await asyncio.gather(
         *(
-            Caller(targets, question_pcm, speed, deadline_s).converse(turns, index)
-            for index in range(callers)
+            caller.converse(turns, index, index * caller.question_s / callers * plan.stagger)
+            for index, caller in enumerate(
+                Caller(targets, question_pcm, plan) for _ in range(callers)
+            )
         )
     )
     wall = time.perf_counter() - started
@@ -88,14 +89,13 @@ async def ramp(
     question_pcm: bytes,
     steps: list[int],
     turns: int,
-    speed: float,
+    plan: CallPlan,
     p95_bound_ms: float,
-    deadline_s: float,
 ) -> RampResult:
     """Steps in order; stops after the first step whose turn p95 passes the bound."""
     result = RampResult(p95_bound_ms=p95_bound_ms)
     for callers in steps:
-        step = await run_step(targets, question_pcm, callers, turns, speed, deadline_s)
+        step = await run_step(targets, question_pcm, callers, turns, plan)
         result.steps.append(step)
         print(step_line(step), flush=True)
         if step.latency_ms["turn_ms"].p95 > p95_bound_ms:
