@@ -292,6 +292,23 @@ def slow_whisper(decode_s: float, decoded: list[int]) -> WhisperAsrBackend:
     return backend
 
 
+async def recognize_timed(
+    backend: WhisperAsrBackend,
+    interim_results: bool,
+    events: StreamQueue[RecognizerEvent],
+    feed: Any,
+) -> list[tuple[Hypothesis, float]]:
+    """Run one stream while `feed` fills `events`; each hypothesis with the time it came."""
+    feeder = asyncio.create_task(feed)
+    results: list[tuple[Hypothesis, float]] = []
+    async for hypothesis in backend.recognize(StreamOptions("s", "en", interim_results), events):
+        results.append((hypothesis, time.perf_counter()))
+    await feeder
+    assert backend._pool is not None
+    backend._pool.close()
+    return results
+
+
 async def test_interim_cadence_adapts_to_a_slow_model_and_never_falls_behind():
     # A model that needs 0.2 s per decode while audio arrives at 4x real time: re-decoding every
     # 0.25 s of audio would queue a decode every 62 ms and fall further behind with every one.
@@ -311,12 +328,7 @@ async def test_interim_cadence_adapts_to_a_slow_model_and_never_falls_behind():
         await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
         events.close()
 
-    feeder = asyncio.create_task(feed())
-    results: list[tuple[Hypothesis, float]] = []
-    async for hypothesis in backend.recognize(StreamOptions("s", "en", True), events):
-        results.append((hypothesis, time.perf_counter()))
-    await feeder
-    backend._pool.close()
+    results = await recognize_timed(backend, True, events, feed())
     interims = [h for h, _ in results if h.answers is None]
     (final, answered_at), *_ = [(h, t) for h, t in results if h.answers is not None]
     assert final.text == "heard 48000", "the final decode hears the whole utterance"
@@ -394,12 +406,7 @@ async def test_without_interims_a_pause_decodes_ahead_of_the_finalize():
         await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
         events.close()
 
-    feeder = asyncio.create_task(feed())
-    results: list[tuple[Hypothesis, float]] = []
-    async for hypothesis in backend.recognize(StreamOptions("s", "en", False), events):
-        results.append((hypothesis, time.perf_counter()))
-    await feeder
-    backend._pool.close()
+    results = await recognize_timed(backend, False, events, feed())
     assert decodes_while_speaking == [0]
     assert len(decoded) == 1, "one decode, at the pause; the finalize reused it"
     final, answered_at = next((h, t) for h, t in results if h.answers is not None)
