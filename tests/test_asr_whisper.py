@@ -26,9 +26,10 @@ from services.asr.backends.decode_pool import DecodePool, Priority
 from services.asr.backends.utterance import UtteranceAudio
 from services.asr.backends.whisper import WhisperAsrBackend, _Decoded
 from services.asr.backends.whisper_models import WhisperWeights
+from services.asr.backends.whisper_window import window_frames
 from services.asr.servicer import AsrService
 from services.asr.settings import AsrSettings
-from services.runtime.audio import float_to_pcm16
+from services.runtime.audio import float_to_pcm16, pcm16_to_float
 from services.runtime.server import MeshServer
 from services.runtime.streams import StreamQueue
 from tests.conftest import channel_to, running
@@ -413,3 +414,37 @@ async def test_without_interims_a_pause_decodes_ahead_of_the_finalize():
     assert final.text.startswith("heard ") and int(final.text.split()[1]) >= 16000
     assert final.answers is not None
     assert answered_at - final.answers.received_at < decode_s
+
+
+def test_encoder_window_fits_the_utterance_with_room_to_spare():
+    assert window_frames(0) == 1000  # never under 10 s
+    assert window_frames(250) == 1000
+    assert window_frames(501) == 1250  # 5 s of padding after the audio, in 2.5 s steps
+    assert window_frames(2000) == 2500
+    assert window_frames(2600) == 3000 == window_frames(10_000)  # Whisper's own 30 s at most
+    for count in range(0, 3000, 37):
+        window = window_frames(count)
+        assert window == 3000 or window - count >= 500
+
+
+@pytest.mark.timeout(120)
+async def test_sized_and_full_encoder_windows_hear_the_same_words():
+    backends = {
+        mode: WhisperAsrBackend.from_settings(AsrSettings(port=0, encoder_window=mode))
+        for mode in ("auto", "full")
+    }
+    for backend in backends.values():
+        await backend.load()
+    try:
+        for text in (BOOK, WEATHER, f"{LIGHTS} {BOOK} {WEATHER}"):
+            samples = pcm16_to_float(speech_pcm(text))
+            heard = {mode: b._decode(samples, "en").text for mode, b in backends.items()}
+            assert wer(text, heard["auto"]) <= max(MAX_WER, wer(text, heard["full"])), heard
+        quiet = np.zeros(2 * 16000, dtype=np.float32)
+        assert backends["auto"]._decode(quiet, "en").text == ""
+        long = np.zeros(28 * 16000, dtype=np.float32)  # no room for padding: the full window
+        assert backends["auto"]._windowed is not None
+        assert not backends["auto"]._windowed.fits(long)
+    finally:
+        for backend in backends.values():
+            await backend.aclose()

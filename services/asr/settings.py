@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -38,6 +40,12 @@ class AsrSettings(ServerSettings):
     )
     beam_size: int = Field(
         1, ge=1, le=8, description="Beam width of the whisper decoder; 1 (greedy) is fastest."
+    )
+    encoder_window: Literal["auto", "full"] = Field(
+        "auto",
+        description="whisper: 'auto' encodes an utterance in a window sized to it (at least "
+        "10 s, always 5 s of padding; about 10x faster for short turns), 'full' in Whisper's "
+        "own 30 s window.",
     )
     right_context: int = Field(
         1,

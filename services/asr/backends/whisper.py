@@ -12,9 +12,10 @@ otherwise hallucinate "you" on silence), and when everything after the last deco
 silence (the client's VAD waited for the pause before finalizing) that decode's text is the
 answer. A stream without interim results still decodes once at each pause (`PAUSE_DECODE_S` of
 silence after new speech), where a finalize is likely to follow, so that shortcut serves it too;
-its text is never sent as an interim. Otherwise the finalize waits for one decode of the whole utterance; an interim decode of
-the stream still waiting in line for the decode thread is dropped first (the final decode hears
-more), so a finalize never waits behind other streams' interim decodes.
+its text is never sent as an interim. Otherwise the finalize waits for one decode of the whole
+utterance; an interim decode of the stream still waiting in line for the decode thread is dropped
+first (the final decode hears more), so a finalize never waits behind other streams' interim
+decodes. Decodes use an encoder window sized to the utterance (`whisper_window`), not 30 s.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from services.asr.backend import (
 from services.asr.backends.decode_pool import DecodePool, Priority
 from services.asr.backends.utterance import UtteranceAudio
 from services.asr.backends.whisper_models import WhisperWeights, resolve_weights
+from services.asr.backends.whisper_window import WindowedDecoder
 from services.asr.settings import AsrSettings
 from services.runtime.audio import FloatAudio
 from services.runtime.streams import StreamQueue
@@ -88,14 +90,17 @@ class WhisperAsrBackend(AsrBackend):
         beam_size: int = 1,
         device: str = "auto",
         max_utterance_s: float = 30.0,
+        encoder_window: str = "auto",
     ) -> None:
         self.weights = weights
+        self.encoder_window = encoder_window
         self.cpu_threads = cpu_threads or min(os.cpu_count() or 1, 8)
         self.beam_size = beam_size
         self.device = device
         self.max_utterance_s = max_utterance_s
         self._model: WhisperModel | None = None
         self._pool: DecodePool[_Decoded] | None = None
+        self._windowed: WindowedDecoder | None = None
         self._languages: tuple[str, ...] = ("en",)
 
     @classmethod
@@ -107,6 +112,7 @@ class WhisperAsrBackend(AsrBackend):
             beam_size=settings.beam_size,
             device=settings.device,
             max_utterance_s=settings.max_utterance_s,
+            encoder_window=settings.encoder_window,
         )
 
     @property
@@ -123,6 +129,10 @@ class WhisperAsrBackend(AsrBackend):
         """Load the weights and decode a second of audio so the first stream is not slow."""
         model = await asyncio.to_thread(self._load_model)
         self._model = model
+        if self.encoder_window == "auto":
+            self._windowed = WindowedDecoder(
+                model, self.beam_size, NO_SPEECH_THRESHOLD, LOG_PROB_THRESHOLD
+            )
         if model.model.is_multilingual:
             self._languages = ("en", *(code for code in WHISPER_LANGUAGES if code != "en"))
         self._pool = DecodePool("whisper")
@@ -130,7 +140,11 @@ class WhisperAsrBackend(AsrBackend):
         warm_up = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
         await self._pool.run(Priority.FINAL, lambda: lambda: self._decode(warm_up, "en"))
         log.info(
-            "%s loaded (%d threads, beam %d)", self.model_name, self.cpu_threads, self.beam_size
+            "%s loaded (%d threads, beam %d, %s encoder window)",
+            self.model_name,
+            self.cpu_threads,
+            self.beam_size,
+            self.encoder_window,
         )
 
     async def aclose(self) -> None:
@@ -139,6 +153,7 @@ class WhisperAsrBackend(AsrBackend):
             self._pool.close()
         self._pool = None
         self._model = None
+        self._windowed = None
 
     def recognize(
         self, options: StreamOptions, events: StreamQueue[RecognizerEvent]
@@ -176,6 +191,8 @@ class WhisperAsrBackend(AsrBackend):
     def _decode(self, audio: FloatAudio, language: str) -> _Decoded:
         """Blocking: the text of `audio`, greedy and without Whisper's slow fallbacks."""
         assert self._model is not None
+        if self._windowed is not None and self._windowed.fits(audio):
+            return _Decoded(self._windowed.decode(audio, language), audio.size)
         segments, _ = self._model.transcribe(
             audio,
             language=language,
