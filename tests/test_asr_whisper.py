@@ -274,7 +274,8 @@ def test_utterance_buffer_is_bounded_and_gates_silence():
     assert buffer.voiced and buffer.voiced_end == 11200
     buffer.append(np.zeros(8000, dtype=np.float32))  # overflows: the oldest audio goes
     assert len(buffer) == 16000 and buffer.dropped == 3200
-    assert buffer.silent_after(8000) and not buffer.silent_after(7999)
+    # Settled once a decode reaches 150 ms past the last voiced frame (or the end of the audio).
+    assert buffer.settled(10400) and not buffer.settled(10399) and not buffer.settled(8000)
     buffer.clear()
     assert len(buffer) == 0 and not buffer.voiced
 

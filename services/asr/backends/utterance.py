@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 #: Frames quieter than this RMS (about -46 dBFS) count as silence.
 SILENCE_RMS = 0.005
+#: A decode "heard everything" only if it also heard this much after the last voiced frame: the
+#: soft end of a word (the "s" of "France") can fall under the gate, and a decode cut there
+#: hears another word ("friends").
+SETTLE_S = 0.15
 _FRAME_S = 0.02
 
 
@@ -64,9 +68,15 @@ class UtteranceAudio:
         """Seconds of silence since the last voiced frame (the whole buffer if none was voiced)."""
         return (self._size - self.voiced_end) / self.sample_rate_hz
 
-    def silent_after(self, position: int) -> bool:
-        """True when nothing after sample `position` rose above the energy gate."""
-        return self.voiced_end <= position
+    def settled(self, position: int) -> bool:
+        """True when a decode of the first `position` samples heard all the speech there is.
+
+        That is: nothing was voiced, or the decode reaches `SETTLE_S` past the last voiced frame
+        (or the end of the audio, if that comes sooner).
+        """
+        if not self.voiced:
+            return True
+        return position >= min(self._size, self.voiced_end + round(SETTLE_S * self.sample_rate_hz))
 
     def snapshot(self) -> FloatAudio:
         """A copy of the audio held (safe to hand to another thread)."""

@@ -259,7 +259,7 @@ class _WhisperStream:
         return None if event is None else [event]
 
     def _start_interim(self) -> None:
-        if self.interim is not None or self.audio.silent_after(self.covered):
+        if self.interim is not None or self.audio.settled(self.covered):
             return  # one decode at a time; nothing new to hear
         if self.options.interim_results:
             if len(self.audio) - self.covered < INTERIM_STEP_S * SAMPLE_RATE:
@@ -296,7 +296,7 @@ class _WhisperStream:
             self.interim = None
         if not self.audio.voiced:
             text = ""
-        elif self.audio.silent_after(self.covered):
+        elif self.audio.settled(self.covered):
             text = self.text
         else:
             decoded = await self.backend.decode(
