@@ -59,7 +59,8 @@ def _is_variation_selector(char: str) -> bool:
 
 # Symbols of category So that the English normaliser reads out.
 _KEPT_SYMBOLS = frozenset("°")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+# The space after a sentence end; closing quotes and brackets stay with their sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+")
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
 
 #: Numbers longer than this are read digit by digit (phone numbers, ids, and num2words' limit).
@@ -379,8 +380,12 @@ def split_for_synthesis(text: str, max_chars: int) -> list[str]:
     Sentence ends first, then clause punctuation, then spaces; a single word longer than
     `max_chars` is cut (it is not a word any voice can say anyway).
     """
+    parts = _SENTENCE_END.split(text)  # sentence, its closing marks, sentence, ...
+    sentences = [
+        parts[i] + (parts[i + 1] if i + 1 < len(parts) else "") for i in range(0, len(parts), 2)
+    ]
     pieces: list[str] = []
-    for sentence in _SENTENCE_END.split(text):
+    for sentence in sentences:
         pieces.extend(_fit(sentence.strip(), max_chars))
     return [piece for piece in pieces if piece]
 
