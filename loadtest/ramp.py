@@ -61,7 +61,9 @@ async def run_step(
     started = time.perf_counter()
     results: list[CallerResult] = await asyncio.gather(
         *(
-            caller.converse(turns, index, index * caller.question_s / callers * plan.stagger)
+            caller.converse(
+                turns, index, index * caller.question_s / callers if plan.stagger else 0.0
+            )
             for index, caller in enumerate(
                 Caller(targets, question_pcm, plan) for _ in range(callers)
             )

@@ -1,21 +1,21 @@
 """Whisper on the CPU through faster-whisper (CTranslate2, int8): the default ASR backend.
 
-Whisper is not a streaming model, so a stream re-decodes its growing utterance. The cadence
-adapts to load by construction: a stream has at most one interim decode queued or running, and
-when it ends the next one takes all the audio that arrived meanwhile (a decode is skipped, the
-stream never falls behind). All streams share one decode thread (`DecodePool`), where the decode
-that answers a finalize jumps ahead of every interim one.
+Whisper is not a streaming model, so a stream re-decodes its growing utterance. The cadence adapts
+to load by construction: a stream has at most one interim decode queued or running, and when it ends
+the next one takes all the audio that arrived meanwhile (a decode is skipped, the stream never falls
+behind). All streams share one decode thread (`DecodePool`), where the decode that answers a
+finalize jumps ahead of every interim one.
 
-Two shortcuts keep finalize latency low without changing the text: an utterance whose audio
-never rose above the energy gate is answered with empty text without a decode (Whisper would
-otherwise hallucinate "you" on silence), and when everything after the last decoded prefix is
-silence (the client's VAD waited for the pause before finalizing) that decode's text is the
-answer. A stream without interim results still decodes once at each pause (`PAUSE_DECODE_S` of
-silence after new speech), where a finalize is likely to follow, so that shortcut serves it too;
-its text is never sent as an interim. Otherwise the finalize waits for one decode of the whole
-utterance; an interim decode of the stream still waiting in line for the decode thread is dropped
-first (the final decode hears more), so a finalize never waits behind other streams' interim
-decodes. Decodes use an encoder window sized to the utterance (`whisper_window`), not 30 s.
+Two shortcuts keep finalize latency low without changing the text: an utterance whose audio never
+rose above the energy gate is answered with empty text without a decode (Whisper would otherwise
+hallucinate "you" on silence), and when the last decoded prefix reaches 150 ms past the last voiced
+frame (the client's VAD waited for the pause before finalizing) that decode's text is the answer. A
+stream without interim results still decodes once at each pause (`PAUSE_DECODE_S` of silence after
+new speech), where a finalize is likely to follow, so that shortcut serves it too; its text is never
+sent as an interim. Otherwise the finalize waits for one decode of the whole utterance; an interim
+decode of the stream still waiting in line for the decode thread is dropped first (the final decode
+hears more), so a finalize never waits behind other streams' interim decodes. Decodes use an encoder
+window sized to the utterance (`whisper_window`), not 30 s.
 """
 
 from __future__ import annotations

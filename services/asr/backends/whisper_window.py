@@ -3,10 +3,10 @@
 faster-whisper pads every input to 30 s of mel frames, so the encoder costs the same for a 2 s
 question as for 30 s of speech: about 0.6 s of a 2-core CPU with tiny.en, most of a finalize's
 latency. The encoder accepts fewer frames (its positions are a prefix of the 30 s ones), and a
-window that leaves several seconds of padding after the speech decodes short utterances to the
-same text at a tenth of the cost. Too tight a window makes Whisper loop ("What is ... What is
-..."), so the window always holds at least `MIN_PADDING_S` of silence after the audio and never
-less than `MIN_WINDOW_S`; utterances that need the full window get Whisper's own path.
+window that leaves several seconds of padding after the speech decodes short utterances to the same
+text with the encoder at a tenth of its cost. Too tight a window makes Whisper loop ("What is ...
+What is ..."), so the window always holds at least `MIN_PADDING_S` of silence after the audio and
+never less than `MIN_WINDOW_S`; utterances that need the full window get Whisper's own path.
 
 The no-speech and log-probability rules are the ones faster-whisper applies to a segment.
 """
@@ -59,6 +59,21 @@ class WindowedDecoder:
         self.beam_size = beam_size
         self.no_speech_threshold = no_speech_threshold
         self.log_prob_threshold = log_prob_threshold
+        self._prompts: dict[str, tuple[Any, list[int], list[int]]] = {}
+
+    def _prompt(self, language: str) -> tuple[Any, list[int], list[int]]:
+        """The tokenizer, prompt and suppressed tokens of `language`, built once per language."""
+        if language not in self._prompts:
+            model = self._model
+            tokenizer = self._tokenizer_class(
+                model.hf_tokenizer,
+                model.model.is_multilingual,
+                task="transcribe",
+                language=language if model.model.is_multilingual else "en",
+            )
+            prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+            self._prompts[language] = (tokenizer, prompt, _suppressed(tokenizer))
+        return self._prompts[language]
 
     def fits(self, audio: FloatAudio) -> bool:
         """Whether `audio` decodes in a window shorter than Whisper's own."""
@@ -73,13 +88,7 @@ class WindowedDecoder:
         window = np.zeros((1, features.shape[0], frames), dtype=np.float32)
         window[0, :, : features.shape[-1]] = features[:, :frames]
         encoded = model.model.encode(self._storage_view.from_array(window), to_cpu=False)
-        tokenizer = self._tokenizer_class(
-            model.hf_tokenizer,
-            model.model.is_multilingual,
-            task="transcribe",
-            language=language if model.model.is_multilingual else "en",
-        )
-        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        tokenizer, prompt, suppressed = self._prompt(language)
         seconds = audio.size / model.feature_extractor.sampling_rate
         new_tokens = max(_MIN_NEW_TOKENS, int(_MAX_TOKENS_PER_S * seconds))
         (result,) = model.model.generate(
@@ -90,7 +99,7 @@ class WindowedDecoder:
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
-            suppress_tokens=_suppressed(tokenizer),
+            suppress_tokens=suppressed,
         )
         tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
         # faster-whisper's segment rule: silence if the model says so and is not confident.
