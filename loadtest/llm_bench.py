@@ -10,7 +10,11 @@ one; default backend llama_cpp with SmolLM2-135M on CPU):
    ratio (cached / prompt tokens) over 10-turn conversations;
 3. cancel: a long answer is cancelled 0-100 ms after its first chunk; cancel sent -> `done` (or the
    end of the stream) p50/p95, and whether the request sent right after succeeds;
-4. throughput: completion tokens per second with 1, 2 and 4 concurrent conversations.
+4. throughput: completion tokens per second with 1, 2 and 4 concurrent conversations;
+5. the engine sweep (started servers only): for each of --sweep-slots (1, 2, 4), a server with
+   that many slots, its tokens per second for one request alone (temperature 0), its resident
+   memory (RSS) after warm-up and after a request, and at the largest slot count the aggregate
+   tokens per second of 1, 2 and 4 concurrent conversations (each with its own sequence).
 
     python -m loadtest.llm_bench [--json artifacts/llm_bench.json] [--time-budget-s 240]
 """
@@ -58,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="", help="a running LLM server (host:port)")
     parser.add_argument("--backend", default="llama_cpp", help="backend of the started server")
     parser.add_argument("--model", default="", help="model of the started server")
-    parser.add_argument("--slots", type=int, default=4, help="llama_cpp slots of the started one")
+    parser.add_argument("--slots", type=int, default=2, help="llama_cpp slots of the started one")
+    parser.add_argument(
+        "--sweep-slots", default="1,2,4", help="slot counts of the engine sweep (empty: none)"
+    )
+    parser.add_argument("--alone", type=int, default=6, help="lone requests per sweep server")
     parser.add_argument("--cold", type=int, default=10, help="cold first-turn requests")
     parser.add_argument("--conversations", type=int, default=3, help="10-turn conversations")
     parser.add_argument("--cancels", type=int, default=30, help="cancel trials")
@@ -91,13 +99,16 @@ async def ask(
     max_tokens: int,
     conversation_id: str = "",
     seed: int = 0,
+    temperature: float = 0.7,
 ) -> Answer:
     request = Req(
         start=llm_pb2.StartGeneration(
             request_id=f"bench-{seed}",
             conversation_id=conversation_id,
             messages=[llm_pb2.ChatMessage(role=r, content=c) for r, c in messages],
-            sampling=llm_pb2.SamplingParams(temperature=0.7, max_tokens=max_tokens, seed=seed),
+            sampling=llm_pb2.SamplingParams(
+                temperature=temperature, max_tokens=max_tokens, seed=seed
+            ),
         )
     )
     sent = time.perf_counter()
@@ -179,6 +190,12 @@ async def run(args: argparse.Namespace) -> int:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = llm_pb2_grpc.LlmServiceStub(channel)
             figures = await measure(stub, args, deadline)
+        if process is not None:
+            process.terminate()
+            await process.wait()
+            process = None
+        if not args.target and args.sweep_slots:
+            figures["sweep"] = await sweep(args, deadline)
         figures["target"] = target
         figures["backend"] = args.backend if not args.target else "(running server)"
         print(report(figures))
@@ -228,6 +245,82 @@ async def measure(
             break
         cancels.append(await cancel_trial(stub, rng))
 
+    steps = await concurrent_steps(stub, args, rng, deadline)
+
+    mean_ratio = [sum(r[t] for r in ratios) / len(ratios) for t in range(10)] if ratios else []
+    return {
+        "first_chunk_cold_ms": Summary.of(cold).__dict__,
+        "first_chunk_cached_ms": Summary.of(cached).__dict__,
+        "first_chunk_tokens_cached": Summary.of(cached_tokens).__dict__,
+        "tokens_per_second": Summary.of(rates).__dict__,
+        "cached_prompt_ratio_by_turn": mean_ratio,
+        "cached_prompt_ratio_turns_2_10": (sum(mean_ratio[1:]) / 9) if mean_ratio else None,
+        "cancel": {
+            "trials": len(cancels),
+            "latency_ms": Summary.of([c["latency_ms"] for c in cancels]).__dict__,
+            "done_cancelled": sum(c["cancelled"] for c in cancels),
+            "next_request_ok": sum(c["next_ok"] for c in cancels),
+        },
+        "throughput": steps,
+        "max_tokens": args.max_tokens,
+    }
+
+
+def server_memory_mib(pid: int) -> float:
+    """Resident memory of the server process, in MiB."""
+    import psutil  # the bench extra
+
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
+
+
+async def alone_rate(stub: llm_pb2_grpc.LlmServiceStub, max_tokens: int, index: int) -> float:
+    """Tokens per second of one request with nothing else running (temperature 0)."""
+    question = QUESTIONS[index % len(QUESTIONS)]
+    answer = await ask(stub, [("system", SYSTEM), ("user", question)], max_tokens, temperature=0.0)
+    return answer.done.tokens_per_second
+
+
+async def sweep(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
+    """One server per slot count: lone-request speed, memory, and batching at the largest."""
+    counts = [int(s) for s in args.sweep_slots.split(",")]
+    results = []
+    rng = random.Random(2)
+    for slots in counts:
+        if time.monotonic() > deadline:
+            break
+        extra = ["--backend", args.backend, "--slots", str(slots)]
+        extra += ["--model", args.model] if args.model else []
+        process, target = await start_server("services.llm", extra)
+        try:
+            await wait_serving(target)
+            rss_loaded = server_memory_mib(process.pid)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = llm_pb2_grpc.LlmServiceStub(channel)
+                await ask(stub, [("user", "Hello")], 4)
+                rates = [await alone_rate(stub, args.max_tokens, i) for i in range(args.alone)]
+                figures: dict[str, Any] = {
+                    "slots": slots,
+                    "alone_tokens_per_s": Summary.of([r for r in rates if r > 0]).__dict__,
+                    "rss_loaded_mib": rss_loaded,
+                    "rss_after_mib": server_memory_mib(process.pid),
+                }
+                if slots == max(counts):
+                    figures["concurrent"] = await concurrent_steps(stub, args, rng, deadline)
+                    figures["rss_after_mib"] = server_memory_mib(process.pid)
+            results.append(figures)
+        finally:
+            process.terminate()
+            await process.wait()
+    return results
+
+
+async def concurrent_steps(
+    stub: llm_pb2_grpc.LlmServiceStub,
+    args: argparse.Namespace,
+    rng: random.Random,
+    deadline: float,
+) -> list[dict[str, Any]]:
+    """Aggregate completion tokens per second of 1, 2, 4... conversations at once."""
     steps = []
     for concurrency in (int(s) for s in args.steps.split(",")):
         if time.monotonic() > deadline:
@@ -251,24 +344,32 @@ async def measure(
                 "first_chunk_ms": Summary.of([a.first_chunk_ms for a in answers]).__dict__,
             }
         )
+    return steps
 
-    mean_ratio = [sum(r[t] for r in ratios) / len(ratios) for t in range(10)] if ratios else []
-    return {
-        "first_chunk_cold_ms": Summary.of(cold).__dict__,
-        "first_chunk_cached_ms": Summary.of(cached).__dict__,
-        "first_chunk_tokens_cached": Summary.of(cached_tokens).__dict__,
-        "tokens_per_second": Summary.of(rates).__dict__,
-        "cached_prompt_ratio_by_turn": mean_ratio,
-        "cached_prompt_ratio_turns_2_10": (sum(mean_ratio[1:]) / 9) if mean_ratio else None,
-        "cancel": {
-            "trials": len(cancels),
-            "latency_ms": Summary.of([c["latency_ms"] for c in cancels]).__dict__,
-            "done_cancelled": sum(c["cancelled"] for c in cancels),
-            "next_request_ok": sum(c["next_ok"] for c in cancels),
-        },
-        "throughput": steps,
-        "max_tokens": args.max_tokens,
-    }
+
+def sweep_rows(sweep_figures: list[dict[str, Any]]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for entry in sweep_figures:
+        slots, alone = entry["slots"], entry["alone_tokens_per_s"]
+        rows.append([f"{slots} slots: one request alone, tokens/s", alone["p50"], alone["p95"], ""])
+        rows.append(
+            [
+                f"{slots} slots: RSS (MiB)",
+                float(entry["rss_loaded_mib"]),
+                float(entry["rss_after_mib"]),
+                "loaded / after requests",
+            ]
+        )
+        for step in entry.get("concurrent", []):
+            rows.append(
+                [
+                    f"{slots} slots, {step['concurrency']} conversations: tokens/s",
+                    float(step["tokens_per_s"]),
+                    "",
+                    f"aggregate; first chunk p50 {step['first_chunk_ms']['p50']:.0f} ms",
+                ]
+            )
+    return rows
 
 
 def report(figures: dict[str, Any]) -> str:
@@ -307,6 +408,7 @@ def report(figures: dict[str, Any]) -> str:
                 f"first chunk p50 {step['first_chunk_ms']['p50']:.0f} ms",
             ]
         )
+    rows += sweep_rows(figures.get("sweep", []))
     header = f"LLM benchmark: {figures.get('backend', '')} at {figures.get('target', '')}"
     return "\n".join([header, table(rows, ["figure", "p50", "p95", "note"])])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -198,3 +199,21 @@ def test_images_run_as_non_root_with_a_grpc_healthcheck():
         assert "deploy/install.sh" in text, "images install with the script CI uses"
     gpu = (ROOT / "deploy" / "Dockerfile.gpu").read_text()
     assert "AS vllm" in gpu and "AS runtime" in gpu
+
+
+def test_the_install_path_builds_llama_cpp_for_any_host_not_the_build_host():
+    import tomllib
+
+    import llama_cpp
+
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["uv"]
+    defines = settings["config-settings-package"]["llama-cpp-python"]
+    assert defines["cmake.define.GGML_NATIVE"] == "OFF"
+    gpu = (ROOT / "deploy" / "Dockerfile.gpu").read_text()
+    assert "install.sh --cuda" in gpu and "CMAKE_ARGS" not in gpu
+    # The library installed here was built that way: the x86-64-v3 baseline, nothing above it
+    # (AVX-512 or AMX would die with SIGILL on a host without them).
+    features = llama_cpp.llama_print_system_info().decode()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "AVX2 = 1" in features
+        assert "AVX512" not in features and "AMX" not in features, features

@@ -57,7 +57,7 @@ QUESTION = [("system", SYSTEM), ("user", "Tell me about the moon and the sun.")]
 
 @pytest.fixture
 def backend() -> LlamaCppLlmBackend:
-    return LlamaCppLlmBackend(slots=2, context_window=2048, threads=2)
+    return LlamaCppLlmBackend(slots=2, context_window=2048, threads=2, extra_buffers="off")
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ async def test_the_chat_template_is_the_models_own(backend):
     await backend.load()
     try:
         tokens = backend.encode((ChatTurn("system", "S"), ChatTurn("user", "U")))
-        text = backend.slots[0].llama.detokenize(tokens, special=True).decode()
+        text = backend.model.detokenize(tokens, special=True).decode()
         # SmolLM2's template (ChatML), as read from the GGUF metadata.
         expected = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
         assert text == expected + "<|im_start|>assistant\n"
@@ -188,7 +188,7 @@ async def test_cancel_mid_generation_ends_with_done_and_the_next_request_works(
         )
         assert after.finish_reason in (llm_pb2.FINISH_REASON_STOP, llm_pb2.FINISH_REASON_LENGTH)
         assert after.usage.completion_tokens >= 1
-    assert backend.pool.free == len(backend.slots)
+    assert backend.pool.free == backend.slot_count
     assert server.service.limiter.active == 0
 
 
@@ -204,10 +204,10 @@ async def test_cancelling_the_rpc_frees_the_slot_every_time(stub, server, backen
         )
         assert after.usage.completion_tokens >= 1
     for _ in range(200):
-        if server.service.limiter.active == 0 and backend.pool.free == len(backend.slots):
+        if server.service.limiter.active == 0 and backend.pool.free == backend.slot_count:
             break
         await asyncio.sleep(0.01)
-    assert backend.pool.free == len(backend.slots)
+    assert backend.pool.free == backend.slot_count
     assert server.service.limiter.active == 0
 
 
@@ -223,7 +223,33 @@ async def test_more_concurrent_requests_than_slots_all_complete(stub, backend):
         assert done.finish_reason in (llm_pb2.FINISH_REASON_STOP, llm_pb2.FINISH_REASON_LENGTH)
         assert done.usage.completion_tokens >= 1
         assert done.chunk_count == len(chunks)
-    assert backend.pool.free == len(backend.slots)
+    assert backend.pool.free == backend.slot_count
+
+
+@pytest.mark.timeout(120)
+async def test_concurrent_conversations_share_the_weights_and_decode_in_one_batch(stub, backend):
+    # One model and one context: the slots are sequences of it, not copies of the weights.
+    assert backend.engine is not None and backend.engine.model is backend.model
+    assert backend.engine.sequences == backend.slot_count == 2
+    assert backend.window == 2048
+    sampling = llm_pb2.SamplingParams(temperature=0.0, max_tokens=32)
+    questions = [[("system", SYSTEM), ("user", f"Tell me about the number {i}.")] for i in (3, 7)]
+    backend.engine.widest_step = 0
+    results = await asyncio.gather(*(generate(stub, start(q, sampling)) for q in questions))
+    assert all(done.usage.completion_tokens >= 1 for _chunks, done in results)
+    # Both conversations' tokens went through the same forward pass at least once.
+    assert backend.engine.widest_step == 2
+
+
+async def test_a_batched_answer_is_the_answer_alone(stub):
+    # Greedy decoding must not depend on what else is in the batch.
+    sampling = llm_pb2.SamplingParams(temperature=0.0, max_tokens=24)
+    alone, _ = await generate(stub, start(QUESTION, sampling))
+    other = [("system", SYSTEM), ("user", "Count from one to twenty.")]
+    together = await asyncio.gather(
+        generate(stub, start(QUESTION, sampling)), generate(stub, start(other, sampling))
+    )
+    assert "".join(c.text for c in together[0][0]) == "".join(c.text for c in alone)
 
 
 async def test_a_prompt_too_long_for_the_window_is_invalid(stub):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -29,7 +31,11 @@ class LlmSettings(ServerSettings):
         description="Base URL of the OpenAI-compatible server (openai_upstream).",
     )
     context_window: int = Field(
-        0, ge=0, description="Context length in tokens; 0 uses the model's own."
+        4096,
+        ge=0,
+        description="Context window of each conversation, in tokens (llama_cpp: the KV cache is "
+        "this times slots, capped at the model's own window; 0: 4096). Other backends: 0 uses the "
+        "model's own.",
     )
     gpu_layers: int = Field(
         -1, description="Layers offloaded to the GPU by llama_cpp (-1: all, 0: CPU only)."
@@ -39,8 +45,15 @@ class LlmSettings(ServerSettings):
         2,
         ge=1,
         le=64,
-        description="llama_cpp contexts (sequence slots): requests generating at once; more wait "
-        "in arrival order. Each keeps the prompt cache of the conversation it served last.",
+        description="llama_cpp sequences: conversations generating at once, batched in one "
+        "context over one copy of the weights; more wait in arrival order. Each keeps the prompt "
+        "cache of the conversation it served last.",
+    )
+    extra_buffers: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="llama_cpp extra weight buffer types (repacked weights, AMX): auto uses them "
+        "where a test decode in a child process worked (once per host and model, cached); on/off "
+        "force the choice.",
     )
     gpu_memory_utilization: float = Field(
         0.85,

