@@ -34,8 +34,8 @@ class LlmSettings(ServerSettings):
         4096,
         ge=0,
         description="Context window of each conversation, in tokens (llama_cpp: the KV cache is "
-        "this times slots, capped at the model's own window; 0: 4096). Other backends: 0 uses the "
-        "model's own.",
+        "this times slots, capped at the model's own window, 0 means 4096; vllm: max_model_len, "
+        "0 uses the model's own).",
     )
     gpu_layers: int = Field(
         -1, description="Layers offloaded to the GPU by llama_cpp (-1: all, 0: CPU only)."
