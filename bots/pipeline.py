@@ -31,22 +31,13 @@ from bots.stt import GrpcSTTService
 from bots.tracing import tracing_on
 from bots.tts import GrpcTTSService
 from bots.turns import aggregator_turns, turn_detection
+from clients.targets import Targets
 from nemotron.speech.v1 import llm_pb2
-from nemotron_speech.targets import target_of
 
 SYSTEM_PROMPT = (
     "You are a helpful voice assistant running privately on the user's own machine. "
     "Answer in one or two short, plain sentences that sound natural when spoken."
 )
-
-
-@dataclass
-class Targets:
-    """Where the three servers listen (NVIDIA_ASR_URL, NVIDIA_TTS_URL, NVIDIA_LLM_URL)."""
-
-    asr: str = field(default_factory=lambda: target_of("asr"))
-    tts: str = field(default_factory=lambda: target_of("tts"))
-    llm: str = field(default_factory=lambda: target_of("llm"))
 
 
 @dataclass

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.conversation import CallPlan, Targets
+from clients.targets import Targets, target_of
+from loadtest.conversation import CallPlan
 from loadtest.ramp import ramp, report, write_json, write_plot
 from nemotron.speech.v1 import tts_pb2, tts_pb2_grpc
-from nemotron_speech.targets import target_of
 from services.runtime.audio import float_to_pcm16, pcm16_to_float, resample
 
 DEFAULT_QUESTION = "What is the capital of France, and what is it famous for?"

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -35,8 +34,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.serving import start_server, wait_serving
 from loadtest.stats import Summary, table
 from loadtest.testset import Utterance, load_or_build, read_wav, word_error_rate
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc
@@ -111,7 +110,8 @@ async def run(args: argparse.Namespace) -> int:
     server: asyncio.subprocess.Process | None = None
     target = args.target
     if target is None:
-        server, target = await start_server(args.model, args.server_arg)
+        model = ["--model", args.model] if args.model else []
+        server, target = await start_server("services.asr", [*model, *args.server_arg])
     try:
         await wait_serving(target)
         async with grpc.aio.insecure_channel(target) as channel:
@@ -275,32 +275,6 @@ async def stream(
                 call.cancel()
                 break
     return results
-
-
-async def start_server(model: str, extra: list[str]) -> tuple[asyncio.subprocess.Process, str]:
-    """An ASR server subprocess on a free loopback port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "services.asr", "--port", str(port), "--max-streams", "64"]
-    command += ["--log-level", "WARNING", *(["--model", model] if model else []), *extra]
-    return await asyncio.create_subprocess_exec(*command), f"127.0.0.1:{port}"
-
-
-async def wait_serving(target: str, timeout_s: float = 180.0) -> None:
-    """Until the server's health reports SERVING."""
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"the ASR server at {target} did not become ready")
 
 
 def _cpu_seconds(process: psutil.Process | None) -> float:

@@ -16,19 +16,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from clients.targets import Targets
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, llm_pb2, llm_pb2_grpc, tts_pb2, tts_pb2_grpc
 
 FRAME_MS = 20
 SYSTEM_PROMPT = "You are a helpful voice assistant. Answer in one or two short sentences."
-
-
-@dataclass(frozen=True)
-class Targets:
-    """Where the three servers are."""
-
-    asr: str
-    tts: str
-    llm: str
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from typing import Any
 
 import grpc
 
+from clients.serving import start_server, wait_serving
 from loadtest.stats import Summary, table
-from loadtest.tts_bench import start_server, wait_serving
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
 
 Req = llm_pb2.GenerateChunksRequest

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -31,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.serving import start_server, wait_serving
 from loadtest.stats import Summary, table
 from loadtest.testset import SENTENCES, word_error_rate
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, tts_pb2, tts_pb2_grpc
@@ -389,32 +388,6 @@ async def round_trip(
 
 
 # ---- servers and report -----------------------------------------------------------------------
-
-
-async def start_server(module: str, extra: list[str]) -> tuple[asyncio.subprocess.Process, str]:
-    """A server subprocess on a free loopback port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", module, "--port", str(port), "--max-streams", "64"]
-    command += ["--log-level", "WARNING", *extra]
-    return await asyncio.create_subprocess_exec(*command), f"127.0.0.1:{port}"
-
-
-async def wait_serving(target: str, timeout_s: float = 180.0) -> None:
-    """Until the server's health reports SERVING."""
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"the server at {target} did not become ready")
 
 
 def report(figures: dict[str, object]) -> str:

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bots.names import BOTS
+from clients.targets import target_of
 from nemotron_speech.probe import format_table, probe_all
 from nemotron_speech.stack import STAGES, add_stack_parser, run_stack
 from nemotron_speech.supervisor import Supervisor, serve_argv
-from nemotron_speech.targets import target_of
 from nemotron_speech.trace_report import add_trace_report_parser, run_trace_report
 from nemotron_speech.up import add_up_parser, run_up
 from services.serve import add_serve_parser, run_serve

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from clients.targets import target_of
 from nemotron_speech.probe import format_table, probe_all
-from nemotron_speech.targets import target_of
 
 PROJECT = "nemotron-speech"
 STAGES = ("asr", "tts", "llm")

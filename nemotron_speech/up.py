@@ -17,9 +17,9 @@ import time
 import httpx
 
 from bots.names import BOTS, DEFAULT_BOT
+from clients.targets import DEFAULT_PORTS, TARGET_ENV
 from nemotron_speech.stack import STAGES
 from nemotron_speech.supervisor import Supervisor, serve_argv
-from nemotron_speech.targets import DEFAULT_PORTS, TARGET_ENV
 
 log = logging.getLogger(__name__)
 

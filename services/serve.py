@@ -1,4 +1,7 @@
-"""`nemotron-speech serve asr|tts|llm`: settings -> backend -> service -> server."""
+"""`nemotron-speech serve asr|tts|llm`: settings -> backend -> service -> server.
+
+`python -m services.asr` (tts, llm) runs the same, without the CLI: services never import it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +42,7 @@ class ServiceKind:
     """What `serve NAME` needs to know about one service."""
 
     settings: type[ServerSettings]
-    service: Callable[[Any, Any], MeshService]
+    service: Callable[[Any, Any], MeshService[Any, Any]]
     backends: dict[str, BackendEntry]
     summary: str
 
@@ -57,19 +60,36 @@ def add_serve_parser(subparsers: Any) -> None:
     kinds = serve.add_subparsers(dest="service", required=True, metavar="{asr,tts,llm}")
     for name, kind in SERVICES.items():
         parser = kinds.add_parser(
-            name,
-            help=f"{kind.summary} server",
-            description=f"Run the {name.upper()} server ({kind.summary}).",
+            name, help=f"{kind.summary} server", description=_description(name)
         )
-        add_settings_flags(parser, kind.settings)
-        parser.add_argument(
-            "--check-config",
-            action="store_true",
-            help="validate the settings and that the backend can be imported, then exit",
-        )
+        _add_server_flags(parser, name)
 
 
-def build_service(name: str, settings: ServerSettings) -> MeshService:
+def main(service: str, argv: Sequence[str] | None = None) -> int:
+    """`python -m services.<service>`: the same flags and exit codes as `serve <service>`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{service}", description=_description(service)
+    )
+    _add_server_flags(parser, service)
+    args = parser.parse_args(argv)
+    args.service = service
+    return run_serve(args)
+
+
+def _description(name: str) -> str:
+    return f"Run the {name.upper()} server ({SERVICES[name].summary})."
+
+
+def _add_server_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    add_settings_flags(parser, SERVICES[name].settings)
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the settings and that the backend can be imported, then exit",
+    )
+
+
+def build_service(name: str, settings: ServerSettings) -> MeshService[Any, Any]:
     """The service `name` with the backend its settings choose (not loaded yet)."""
     kind = SERVICES[name]
     backend_cls = load_backend_class(kind.backends, settings.backend, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from bots.pipeline import Targets
+from clients.targets import Targets
 from services.asr.backends.whisper import WhisperAsrBackend
 from services.asr.servicer import AsrService
 from services.asr.settings import AsrSettings

@@ -24,8 +24,9 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.workers.runner import WorkerRunner
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame
-from bots.pipeline import BotConfig, Targets, build_worker
+from bots.pipeline import BotConfig, build_worker
 from bots.wav_transport import WavFileTransport
+from clients.targets import Targets
 from tests.mesh import real_mesh
 from tests.speech import speech_pcm, wer
 

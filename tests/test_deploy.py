@@ -217,3 +217,15 @@ def test_the_install_path_builds_llama_cpp_for_any_host_not_the_build_host():
     if platform.machine() in ("x86_64", "AMD64"):
         assert "AVX2 = 1" in features
         assert "AVX512" not in features and "AMX" not in features, features
+
+
+def test_the_images_copy_every_package_the_wheel_installs():
+    import tomllib
+
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    packages = wheel["targets"]["wheel"]["packages"]
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (ROOT / "deploy" / dockerfile).read_text()
+        for package in packages:
+            top = package.split("/")[0]
+            assert re.search(rf"^COPY {top} {top}$", text, re.MULTILINE), (dockerfile, top)

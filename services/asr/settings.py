@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from clients.targets import DEFAULT_PORTS
 from services.runtime.settings import ServerSettings
 
 #: Right attention contexts the cache-aware FastConformer was trained with (80 ms frames).
@@ -18,7 +19,9 @@ class AsrSettings(ServerSettings):
 
     model_config = SettingsConfigDict(env_prefix="NEMOTRON_ASR_")
 
-    port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    port: int = Field(
+        DEFAULT_PORTS["asr"], ge=0, le=65535, description="TCP port; 0 picks a free one."
+    )
     backend: str = Field("whisper", description="Recognition engine: whisper (CPU) or nemo (GPU).")
     model: str = Field(
         "",

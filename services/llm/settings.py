@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from clients.targets import DEFAULT_PORTS
 from services.runtime.settings import ServerSettings
 
 
@@ -15,7 +16,9 @@ class LlmSettings(ServerSettings):
 
     model_config = SettingsConfigDict(env_prefix="NEMOTRON_LLM_")
 
-    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    port: int = Field(
+        DEFAULT_PORTS["llm"], ge=0, le=65535, description="TCP port; 0 picks a free one."
+    )
     backend: str = Field(
         "llama_cpp",
         description="Generation engine: llama_cpp (in process), openai_upstream "

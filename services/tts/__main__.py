@@ -2,7 +2,7 @@
 
 import sys
 
-from nemotron_speech.cli import main
+from services.serve import main
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", "tts", *sys.argv[1:]]))
+    sys.exit(main("tts"))

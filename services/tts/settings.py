@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from clients.targets import DEFAULT_PORTS
 from services.runtime.settings import ServerSettings
 
 
@@ -13,7 +14,9 @@ class TtsSettings(ServerSettings):
 
     model_config = SettingsConfigDict(env_prefix="NEMOTRON_TTS_")
 
-    port: int = Field(8001, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    port: int = Field(
+        DEFAULT_PORTS["tts"], ge=0, le=65535, description="TCP port; 0 picks a free one."
+    )
     backend: str = Field("piper", description="Synthesis engine: piper (CPU) or magpie (GPU).")
     model: str = Field(
         "",

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nemotron_speech.targets import TARGET_ENV
+from clients.targets import TARGET_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
