@@ -5,7 +5,9 @@ Each chunk the server cuts at a sentence boundary goes downstream as an `LLMChun
 `continue_generation` for chunk N, which it does when the TTS reports that chunk's segment
 complete (`SegmentCompleteFrame`, matched by segment id): on one GPU, speech synthesis of a chunk
 never competes with generation of the next. An interruption cancels the call; the server frees
-the sequence at once.
+the sequence at once. The channel and the call's lifecycle are the shared `GrpcCallService`'s; a
+broken call ends its response with an error rather than being re-opened, since a retried
+generation would repeat what the listener already heard.
 """
 
 from __future__ import annotations
@@ -20,27 +22,28 @@ from typing import Any
 import grpc
 from loguru import logger
 from opentelemetry import trace
+from opentelemetry.trace import Span
 from pipecat.frames.frames import (
-    CancelFrame,
-    EndFrame,
     Frame,
     LLMContextFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
-    StartFrame,
 )
 from pipecat.metrics.metrics import LLMTokenUsage
 from pipecat.processors.frame_processor import FrameDirection
-from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame, segment_id_of
-from bots.grpc_client import describe, open_channel
+from bots.grpc_client import describe
+from bots.reconnecting import GrpcCallService
 from bots.tracing import ClientSpans
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
 from services.runtime.trace_types import GEN_AI_OPERATION, SPAN_BOT_LLM
 
 ROLES = frozenset({"system", "user", "assistant"})
+
+Request = llm_pb2.GenerateChunksRequest
+Response = llm_pb2.GenerateChunksResponse
 
 
 def chat_messages(messages: Sequence[Any]) -> list[llm_pb2.ChatMessage]:
@@ -64,7 +67,7 @@ def chat_messages(messages: Sequence[Any]) -> list[llm_pb2.ChatMessage]:
     return chat
 
 
-class GrpcChunkedLLMService(AIService):
+class GrpcChunkedLLMService(GrpcCallService[Request, Response]):
     """Answers each `LLMContextFrame` with sentence-sized `LLMChunkFrame`s.
 
     Args:
@@ -78,6 +81,9 @@ class GrpcChunkedLLMService(AIService):
         **kwargs: Passed to Pipecat's `AIService`.
     """
 
+    label = "LLM"
+    keep_open = False  # one call per response
+
     def __init__(
         self,
         *,
@@ -90,8 +96,7 @@ class GrpcChunkedLLMService(AIService):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("settings", ServiceSettings(model=None))  # the server picks the model
-        super().__init__(**kwargs)
-        self.target = target
+        super().__init__(target=target, response_timeout_s=chunk_timeout_s, **kwargs)
         self.sampling = sampling or llm_pb2.SamplingParams()
         self.chunking = llm_pb2.ChunkingPolicy(wait_for_continue=wait_for_continue)
         if first_chunk_min_tokens:
@@ -101,9 +106,9 @@ class GrpcChunkedLLMService(AIService):
         self.chunk_timeout_s = chunk_timeout_s
         self.conversation_id = uuid.uuid4().hex
         self.last_usage: llm_pb2.GenerationDone | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._call: grpc.aio.StreamStreamCall | None = None
         self._request_id = ""
+        self._messages: list[llm_pb2.ChatMessage] = []
+        self._span: Span | None = None
         self._received: set[int] = set()
         self._spans = ClientSpans(self)
         self._first_chunk_at: float | None = None
@@ -111,28 +116,6 @@ class GrpcChunkedLLMService(AIService):
     def can_generate_metrics(self) -> bool:
         """TTFB (start sent to first chunk) and token usage go to Pipecat's metrics."""
         return True
-
-    async def start(self, frame: StartFrame) -> None:
-        """Open the channel (calls are per response)."""
-        await super().start(frame)
-        self._channel = open_channel(self.target)
-
-    async def stop(self, frame: EndFrame) -> None:
-        """Close the channel."""
-        await super().stop(frame)
-        await self._close()
-
-    async def cancel(self, frame: CancelFrame) -> None:
-        """Close the channel at once."""
-        await super().cancel(frame)
-        await self._close()
-
-    async def _close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Generate for contexts; release chunks as their speech completes."""
@@ -151,42 +134,45 @@ class GrpcChunkedLLMService(AIService):
         if not messages or self._channel is None:
             return
         self._request_id = request_id = uuid.uuid4().hex[:12]
+        self._messages = messages
         self._received = set()
-        span = self._spans.start(SPAN_BOT_LLM, **{GEN_AI_OPERATION: "chat"})
+        self._span = span = self._spans.start(SPAN_BOT_LLM, **{GEN_AI_OPERATION: "chat"})
         started = time.perf_counter()
         self._first_chunk_at = None
-        # wait_for_ready: a server that is (re)starting is waited for, within chunk_timeout_s,
-        # rather than failing every response until the channel's next reconnect attempt. The
-        # span is current while the call starts, so the gRPC client instrumentation carries it.
-        with trace.use_span(span, end_on_exit=False) if span is not None else nullcontext():
-            call = llm_pb2_grpc.LlmServiceStub(self._channel).GenerateChunks(wait_for_ready=True)
-        self._call = call
         await self.push_frame(LLMFullResponseStartFrame())
         await self.start_ttfb_metrics()
         await self.start_processing_metrics()
         try:
-            start = llm_pb2.StartGeneration(
-                request_id=request_id,
-                messages=messages,
-                sampling=self.sampling,
-                chunking=self.chunking,
-                conversation_id=self.conversation_id,
-                trace_context=ClientSpans.carrier(span),
-            )
-            await asyncio.wait_for(
-                call.write(llm_pb2.GenerateChunksRequest(start=start)), self.chunk_timeout_s
-            )
-            await self._read_chunks(call, request_id)
+            await self._run_call()
         except (grpc.aio.AioRpcError, TimeoutError) as error:
             await self.push_error(f"LLM request {request_id} failed: {self._explain(error)}")
         finally:
             first = self._first_chunk_at
             ClientSpans.end(span, ttfb_ms=None if first is None else 1000 * (first - started))
-            call.cancel()  # no-op after a clean end; frees the server's sequence otherwise
-            self._call = None
             self._request_id = ""
+            self._span = None
             await self.stop_processing_metrics()
             await self.push_frame(LLMFullResponseEndFrame())
+
+    def _new_call(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+        # wait_for_ready: a server that is (re)starting is waited for, within chunk_timeout_s,
+        # rather than failing every response until the channel's next reconnect attempt. The
+        # span is current while the call starts, so the gRPC client instrumentation carries it.
+        span = self._span
+        with trace.use_span(span, end_on_exit=False) if span is not None else nullcontext():
+            return llm_pb2_grpc.LlmServiceStub(channel).GenerateChunks(wait_for_ready=True)
+
+    async def _on_open(self, call: grpc.aio.StreamStreamCall) -> bool:
+        start = llm_pb2.StartGeneration(
+            request_id=self._request_id,
+            messages=self._messages,
+            sampling=self.sampling,
+            chunking=self.chunking,
+            conversation_id=self.conversation_id,
+            trace_context=ClientSpans.carrier(self._span),
+        )
+        await asyncio.wait_for(call.write(Request(start=start)), self.chunk_timeout_s)
+        return True
 
     def _explain(self, error: BaseException) -> str:
         channel = self._channel
@@ -197,44 +183,35 @@ class GrpcChunkedLLMService(AIService):
                 )
         return describe(error)
 
-    async def _read_chunks(self, call: grpc.aio.StreamStreamCall, request_id: str) -> None:
-        while True:
-            response = await asyncio.wait_for(call.read(), self.chunk_timeout_s)
-            if response is grpc.aio.EOF:
-                return
-            if response.HasField("done"):
-                await self._report_usage(response.done)
-                return
-            chunk = response.chunk
-            if chunk.index == 0:
-                self._first_chunk_at = time.perf_counter()
-                await self.stop_ttfb_metrics()
-            self._received.add(chunk.index)
-            await self.push_frame(
-                LLMChunkFrame(
-                    text=chunk.text,
-                    request_id=request_id,
-                    chunk_index=chunk.index,
-                    ends_sentence=chunk.ends_sentence,
-                )
+    async def _on_response(self, response: Response) -> bool:
+        if response.HasField("done"):
+            await self._report_usage(response.done)
+            return True
+        chunk = response.chunk
+        if chunk.index == 0:
+            self._first_chunk_at = time.perf_counter()
+            await self.stop_ttfb_metrics()
+        self._received.add(chunk.index)
+        await self.push_frame(
+            LLMChunkFrame(
+                text=chunk.text,
+                request_id=self._request_id,
+                chunk_index=chunk.index,
+                ends_sentence=chunk.ends_sentence,
             )
+        )
+        return False
 
     async def _release(self, segment_id: str) -> None:
         """continue_generation for the chunk that segment spoke, if it is of this request."""
-        call, request_id = self._call, self._request_id
-        if call is None:
+        if not self.connected:
             return
         for index in sorted(self._received):
-            if segment_id_of(request_id, index) == segment_id:
+            if segment_id_of(self._request_id, index) == segment_id:
                 self._received.discard(index)
-                try:
-                    await call.write(
-                        llm_pb2.GenerateChunksRequest(
-                            continue_generation=llm_pb2.ContinueGeneration(chunk_index=index)
-                        )
-                    )
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
-                    logger.debug(f"{self}: continue for {segment_id} not sent: {error}")
+                continued = llm_pb2.ContinueGeneration(chunk_index=index)
+                if not await self._send(Request(continue_generation=continued)):
+                    logger.debug(f"{self}: continue for {segment_id} not sent")
                 return
 
     async def _report_usage(self, done: llm_pb2.GenerationDone) -> None:

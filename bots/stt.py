@@ -10,8 +10,8 @@ Turn handling, the part that decides voice-to-voice latency:
   the LLM never starts on a partial transcript.
 
 The call is opened at pipeline start and re-opened with backoff whenever it breaks (server
-restart, server down at start, a stall past the deadline); audio that arrives meanwhile is
-dropped, never queued without bound.
+restart, server down at start, a stall past the deadline), by the shared `GrpcCallService`; audio
+that arrives meanwhile is dropped, never queued without bound.
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 from loguru import logger
 from opentelemetry.trace import Span
 from pipecat.frames.frames import (
-    CancelFrame,
-    EndFrame,
     Frame,
     InterimTranscriptionFrame,
-    StartFrame,
     TranscriptionFrame,
     UserStoppedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
@@ -40,15 +38,17 @@ from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import STTService
 from pipecat.utils.time import time_now_iso8601
 
-from bots.grpc_client import Backoff, describe, is_retryable, open_channel, trace_metadata
+from bots.grpc_client import trace_metadata
+from bots.reconnecting import GrpcCallService
 from bots.tracing import ClientSpans
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, common_pb2
 from services.runtime.trace_types import ATTR_CANCELLED, ATTR_UTTERANCE_ID, SPAN_BOT_STT
 
 Request = asr_pb2.StreamingRecognizeRequest
+Response = asr_pb2.StreamingRecognizeResponse
 
 
-class GrpcSTTService(STTService):
+class GrpcSTTService(GrpcCallService[Request, Response], STTService):
     """Streams the user's audio to the mesh's ASR server and turns its results into frames.
 
     Interim results become `InterimTranscriptionFrame`s; only the final transcript of a finalize
@@ -66,6 +66,8 @@ class GrpcSTTService(STTService):
         **kwargs: Passed to Pipecat's `STTService`.
     """
 
+    label = "ASR"
+
     def __init__(
         self,
         *,
@@ -75,22 +77,17 @@ class GrpcSTTService(STTService):
         finalize_timeout_s: float = 1.0,
         ready_timeout_s: float = 5.0,
         max_pending_audio: int = 100,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("ttfs_p99_latency", 0.6)
         # The server reports its model in `ready`; language is ours to choose.
         kwargs.setdefault("settings", STTSettings(model=None, language=language))
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.target = target
+        super().__init__(target=target, outbox_size=max_pending_audio, **kwargs)
         self.language = language
         self.interim_results = interim_results
         self.finalize_timeout_s = finalize_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.session_id = ""
-        self._channel: grpc.aio.Channel | None = None
-        self._outbox: asyncio.Queue[Request] = asyncio.Queue(max_pending_audio)
-        self._connected = asyncio.Event()
-        self._session_task: asyncio.Task[None] | None = None
         self._finals: dict[str, asyncio.Future[str]] = {}
         self._utterances = itertools.count(1)
         self._conversation = uuid.uuid4().hex[:8]
@@ -100,36 +97,6 @@ class GrpcSTTService(STTService):
         """TTFB (speech end to final transcript) is reported through Pipecat's metrics."""
         return True
 
-    @property
-    def connected(self) -> bool:
-        """Whether a recognition call is open and ready."""
-        return self._connected.is_set()
-
-    async def start(self, frame: StartFrame) -> None:
-        """Open the channel and keep a recognition call open for the session."""
-        await super().start(frame)
-        self._channel = open_channel(self.target)
-        self._session_task = self.create_task(self._keep_session(), "grpc-stt-session")
-
-    async def stop(self, frame: EndFrame) -> None:
-        """Close the call and the channel."""
-        await super().stop(frame)
-        await self._close()
-
-    async def cancel(self, frame: CancelFrame) -> None:
-        """Close the call and the channel at once."""
-        await super().cancel(frame)
-        await self._close()
-
-    async def _close(self) -> None:
-        if self._session_task is not None:
-            await self.cancel_task(self._session_task)
-            self._session_task = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-        self._connected.clear()
-
     # ---- audio in ------------------------------------------------------------------------------
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
@@ -138,14 +105,9 @@ class GrpcSTTService(STTService):
             self._offer(Request(audio=audio))
         yield None
 
-    def _offer(self, request: Request) -> None:
-        """Queue a request; a slow server loses the oldest audio, never a finalize."""
-        while self._outbox.full():
-            dropped = self._outbox.get_nowait()
-            if dropped.WhichOneof("request") != "audio":
-                self._outbox.put_nowait(dropped)  # keep control messages; drop this audio
-                return
-        self._outbox.put_nowait(request)
+    def _droppable(self, request: Request) -> bool:
+        """A slow server loses the oldest audio, never a finalize."""
+        return bool(request.WhichOneof("request") == "audio")
 
     # ---- turn handling -------------------------------------------------------------------------
 
@@ -201,73 +163,37 @@ class GrpcSTTService(STTService):
 
     # ---- the call ------------------------------------------------------------------------------
 
-    async def _keep_session(self) -> None:
-        """Hold one StreamingRecognize call open; re-open it with backoff when it breaks."""
-        backoff = Backoff()
-        while True:
-            try:
-                await self._run_call(backoff)
-                logger.info(f"{self}: the ASR server ended the stream; re-opening")
-            except grpc.aio.AioRpcError as error:
-                if not is_retryable(error):
-                    await self.push_error(f"ASR stream failed: {describe(error)}")
-                    return
-                logger.warning(f"{self}: ASR at {self.target}: {describe(error)}; retrying")
-            except TimeoutError as error:
-                logger.warning(f"{self}: ASR at {self.target}: {describe(error)}; retrying")
-            finally:
-                self._connected.clear()
-                self._release_all_finals()
-            await asyncio.sleep(backoff.next_delay())
+    def _new_call(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+        return asr_pb2_grpc.AsrServiceStub(channel).StreamingRecognize(metadata=trace_metadata())
 
-    async def _run_call(self, backoff: Backoff) -> None:
-        assert self._channel is not None
-        call = asr_pb2_grpc.AsrServiceStub(self._channel).StreamingRecognize(
-            metadata=trace_metadata()
-        )
-        writer: asyncio.Task[None] | None = None
-        try:
-            await call.write(
-                Request(
-                    config=asr_pb2.RecognitionConfig(
-                        sample_rate_hz=self.sample_rate,
-                        encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
-                        language=self.language,
-                        interim_results=self.interim_results,
-                    )
+    async def _on_open(self, call: grpc.aio.StreamStreamCall) -> bool:
+        """Send the config; the server's `ready` must follow within `ready_timeout_s`."""
+        await call.write(
+            Request(
+                config=asr_pb2.RecognitionConfig(
+                    sample_rate_hz=self.sample_rate,
+                    encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
+                    language=self.language,
+                    interim_results=self.interim_results,
                 )
             )
-            ready = await asyncio.wait_for(call.read(), self.ready_timeout_s)
-            if ready is grpc.aio.EOF:
-                return
-            self.session_id = ready.ready.session_id
-            logger.info(
-                f"{self}: ASR session {self.session_id} ({ready.ready.backend}, "
-                f"{ready.ready.model}) at {self.target}"
-            )
-            self._drain_outbox()
-            self._connected.set()
-            backoff.reset()
-            await self._call_event_handler("on_connected")
-            writer = asyncio.create_task(self._write(call))
-            while (response := await call.read()) is not grpc.aio.EOF:
-                await self._handle(response.transcript)
-        finally:
-            if writer is not None:
-                writer.cancel()
-            call.cancel()
-            if self.session_id:
-                await self._call_event_handler("on_disconnected")
+        )
+        ready = await self._read(call, self.ready_timeout_s)
+        if ready is grpc.aio.EOF:
+            return False
+        self.session_id = ready.ready.session_id
+        logger.info(
+            f"{self}: ASR session {self.session_id} ({ready.ready.backend}, "
+            f"{ready.ready.model}) at {self.target}"
+        )
+        return True
 
-    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
-        while True:
-            request = await self._outbox.get()
-            await call.write(request)
+    async def _on_response(self, response: Response) -> bool:
+        await self._handle(response.transcript)
+        return False
 
-    def _drain_outbox(self) -> None:
-        """Forget audio from before this call: it belongs to a stream that no longer exists."""
-        while not self._outbox.empty():
-            self._outbox.get_nowait()
+    async def _on_close(self) -> None:
+        self._release_all_finals()
 
     async def _handle(self, transcript: asr_pb2.Transcript) -> None:
         if transcript.is_final:

@@ -9,8 +9,14 @@
 - Interruption: `cancel` on the call; from then on, audio whose stream id is not the current
   stream's is dropped. The server acknowledges with `cancelled` and opens a new stream with the
   next text, so stale audio is recognised by id, never guessed from message order.
-- A broken call (server restart) is re-opened with backoff and the unfinished segments of the
-  current response are sent again.
+- A broken call (server restart) is re-opened with backoff (by the shared `GrpcCallService`) and
+  the unfinished segments of the current response are sent again.
+- A segment the server refuses (INVALID_ARGUMENT on a `text.*` field, e.g. too long) fails alone:
+  an ErrorFrame names it, it counts as complete with no audio (so the LLM goes on), and the call
+  is re-opened for the rest. The status does not say which segment it was; when several were in
+  flight, they are sent again one at a time, each once the server has taken the one before, so
+  that the one it refuses is known. Any other non-retryable status ends the session (see
+  `bots.reconnecting`).
 """
 
 from __future__ import annotations
@@ -24,16 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from loguru import logger
 from opentelemetry.trace import Span
 from pipecat.frames.frames import (
-    CancelFrame,
-    EndFrame,
     Frame,
     InterruptionFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
-    StartFrame,
     TextFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
@@ -42,14 +47,15 @@ from pipecat.frames.frames import (
     TTSTextFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
-from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame
-from bots.grpc_client import Backoff, describe, is_retryable, open_channel, trace_metadata
+from bots.grpc_client import describe, trace_metadata
+from bots.reconnecting import GrpcCallService
 from bots.tracing import ClientSpans
 from nemotron.speech.v1 import common_pb2, tts_pb2, tts_pb2_grpc
+from services.runtime.sentences import ends_sentence
 from services.runtime.trace_types import (
     ATTR_AUDIO_MS,
     ATTR_CANCELLED,
@@ -59,9 +65,9 @@ from services.runtime.trace_types import (
 )
 
 Request = tts_pb2.SynthesizeRequest
+Response = tts_pb2.SynthesizeResponse
 
 SENTENCE_PAUSE_S = 0.25
-SENTENCE_ENDS = (".", "!", "?", '."', '!"', '?"', ".)", "!)", "?)")
 
 
 @dataclass
@@ -71,11 +77,13 @@ class _Segment:
     mode: int
     ends_sentence: bool
     started: bool = False
+    written: bool = False  # sent on the current call
+    accepted: bool = False  # the current call's server took it (its audio or completion came)
     span: Span | None = None
     sent_at: float = field(default_factory=time.perf_counter)
 
 
-class GrpcTTSService(AIService):
+class GrpcTTSService(GrpcCallService[Request, Response]):
     """Speaks LLM chunks (or any text frames) through the mesh's TTS server.
 
     Args:
@@ -87,6 +95,8 @@ class GrpcTTSService(AIService):
         segment_timeout_s: Longest wait for a response's remaining segments at its end.
         **kwargs: Passed to Pipecat's `AIService`.
     """
+
+    label = "TTS"
 
     def __init__(
         self,
@@ -100,8 +110,7 @@ class GrpcTTSService(AIService):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("settings", ServiceSettings(model=None))  # the server picks the model
-        super().__init__(**kwargs)
-        self.target = target
+        super().__init__(target=target, **kwargs)
         self.voice = voice
         self.language = language
         self.adaptive = adaptive
@@ -112,10 +121,7 @@ class GrpcTTSService(AIService):
         self._stream_open = False  # text was sent since the last cancel
         self._unacknowledged_cancels = 0  # until acknowledged, everything received is stale
         self.dropped_audio_chunks = 0
-        self._channel: grpc.aio.Channel | None = None
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._session_task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
+        self._one_at_a_time = False  # finding which of several segments the server refuses
         self._pending: OrderedDict[str, _Segment] = OrderedDict()
         self._all_spoken = asyncio.Event()
         self._all_spoken.set()
@@ -129,34 +135,10 @@ class GrpcTTSService(AIService):
         """TTFB (text sent to first audio) goes to Pipecat's metrics."""
         return True
 
-    async def start(self, frame: StartFrame) -> None:
-        """Open the channel and keep a synthesis call open at the pipeline's output rate."""
-        await super().start(frame)
-        self._channel = open_channel(self.target)
-        self._session_task = self.create_task(self._keep_session(), "grpc-tts-session")
-
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         """Speak at the pipeline's output rate (the server resamples)."""
         await super().setup(setup)
         self.sample_rate = setup.audio_out_sample_rate
-
-    async def stop(self, frame: EndFrame) -> None:
-        """Close the call and the channel."""
-        await super().stop(frame)
-        await self._close()
-
-    async def cancel(self, frame: CancelFrame) -> None:
-        """Close the call and the channel at once."""
-        await super().cancel(frame)
-        await self._close()
-
-    async def _close(self) -> None:
-        if self._session_task is not None:
-            await self.cancel_task(self._session_task)
-            self._session_task = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
 
     # ---- text in -------------------------------------------------------------------------------
 
@@ -179,13 +161,15 @@ class GrpcTTSService(AIService):
             isinstance(frame, TextFrame) and type(frame) is not TTSTextFrame and not frame.skip_tts
         ):
             segment_id = f"{self._response}/t{next(self._text_ids)}"
-            await self._speak(segment_id, frame.text, frame.text.rstrip().endswith(SENTENCE_ENDS))
+            await self._speak(segment_id, frame.text, ends_sentence(frame.text))
             if isinstance(frame, TTSSpeakFrame):
                 await self._finish_response()
         else:
             await self.push_frame(frame, direction)
 
     async def _speak(self, segment_id: str, text: str, ends_sentence: bool) -> None:
+        if not self.is_usable:
+            return  # the call ended for good, and said why once
         stream_first = self._segments_in_response == 0 or not self.adaptive
         mode = tts_pb2.SYNTHESIS_MODE_STREAM if stream_first else tts_pb2.SYNTHESIS_MODE_BATCH
         self._segments_in_response += 1
@@ -195,28 +179,35 @@ class GrpcTTSService(AIService):
         self._all_spoken.clear()
         if stream_first:
             await self.start_ttfb_metrics()
-        await self._send_segment(segment)
+        await self._send_waiting()
 
-    async def _send_segment(self, segment: _Segment) -> None:
-        call = self._call
-        if call is None or not self._connected.is_set():
-            return  # sent when the call (re)opens
-        try:
-            await call.write(
-                Request(
-                    text=tts_pb2.TextSegment(
-                        segment_id=segment.segment_id,
-                        text=segment.text,
-                        mode=segment.mode,  # type: ignore[arg-type]
-                        trace_context=ClientSpans.carrier(segment.span),
-                    )
-                )
-            )
+    async def _send_waiting(self) -> None:
+        """Send the segments that are due, in order; the rest go when the call (re)opens."""
+        while self.connected and (segment := self._next_to_send()) is not None:
+            segment.written = True  # before the write, so that no other task sends it too
+            if not await self._send(self._text_request(segment)):
+                return  # the call broke; the next one re-sends what is unfinished
             # Set here, not in _speak: a segment re-sent on a re-opened call opens a stream too,
             # which an interruption must cancel.
             self._stream_open = True
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
-            logger.debug(f"{self}: segment {segment.segment_id} waits for the call: {error}")
+
+    def _next_to_send(self) -> _Segment | None:
+        """The first unsent segment; one at a time, none while a sent one is not yet taken."""
+        segments = self._pending.values()
+        if self._one_at_a_time and any(s.written and not s.accepted for s in segments):
+            return None
+        return next((s for s in segments if not s.written), None)
+
+    @staticmethod
+    def _text_request(segment: _Segment) -> Request:
+        return Request(
+            text=tts_pb2.TextSegment(
+                segment_id=segment.segment_id,
+                text=segment.text,
+                mode=segment.mode,  # type: ignore[arg-type]
+                trace_context=ClientSpans.carrier(segment.span),
+            )
+        )
 
     async def _finish_response(self) -> None:
         """Wait until every segment of the response has produced its audio."""
@@ -237,69 +228,93 @@ class GrpcTTSService(AIService):
         self.stream_id = None
         self._forget_pending()
         self._speaking = False
-        call = self._call
-        if self._stream_open and call is not None:
+        if self._stream_open and self.connected:
             self._stream_open = False
-            try:
-                await call.write(Request(cancel=tts_pb2.CancelStream()))
+            if await self._send(Request(cancel=tts_pb2.CancelStream())):
                 self._unacknowledged_cancels += 1
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
-                logger.debug(f"{self}: cancel not sent: {error}")
 
     def _forget_pending(self) -> None:
         for segment in self._pending.values():
             ClientSpans.end(segment.span, **{ATTR_CANCELLED: True})
         self._pending.clear()
-        self._all_spoken.set()
+        self._settle()
+
+    def _settle(self) -> None:
+        """Once nothing is pending, the response is spoken and no refused segment is sought."""
+        if not self._pending:
+            self._all_spoken.set()
+            self._one_at_a_time = False
 
     # ---- the call ------------------------------------------------------------------------------
 
-    async def _keep_session(self) -> None:
-        """Hold one Synthesize call open; re-open it with backoff when it breaks."""
-        backoff = Backoff()
-        while True:
-            try:
-                await self._run_call(backoff)
-                logger.info(f"{self}: the TTS server ended the call; re-opening")
-            except grpc.aio.AioRpcError as error:
-                if not is_retryable(error):
-                    await self.push_error(f"TTS call failed: {describe(error)}")
-                    self._forget_pending()
-                    if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                        continue  # a bad segment fails the call, not the session
-                    return
-                logger.warning(f"{self}: TTS at {self.target}: {describe(error)}; retrying")
-            finally:
-                self._connected.clear()
-                self._call = None
-                self.stream_id = None
-                self._stream_open = False
-                self._unacknowledged_cancels = 0
-            await asyncio.sleep(backoff.next_delay())
+    def _new_call(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+        return tts_pb2_grpc.TtsServiceStub(channel).Synthesize(metadata=trace_metadata())
 
-    async def _run_call(self, backoff: Backoff) -> None:
-        assert self._channel is not None
-        call = tts_pb2_grpc.TtsServiceStub(self._channel).Synthesize(metadata=trace_metadata())
-        try:
-            await call.write(
-                Request(
-                    config=tts_pb2.SynthesisConfig(
-                        voice=self.voice,
-                        language=self.language,
-                        sample_rate_hz=self.sample_rate,
-                        encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
-                    )
+    async def _on_open(self, call: grpc.aio.StreamStreamCall) -> bool:
+        """Send the config, then the unfinished segments (and those that came meanwhile)."""
+        await call.write(
+            Request(
+                config=tts_pb2.SynthesisConfig(
+                    voice=self.voice,
+                    language=self.language,
+                    sample_rate_hz=self.sample_rate,
+                    encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
                 )
             )
-            self._call = call
-            self._connected.set()
-            for segment in list(self._pending.values()):
-                await self._send_segment(segment)
-            while (response := await call.read()) is not grpc.aio.EOF:
-                backoff.reset()
-                await self._handle(response)
-        finally:
-            call.cancel()
+        )
+        for pending in self._pending.values():
+            pending.written = pending.accepted = False
+        while (segment := self._next_to_send()) is not None:
+            segment.written = True
+            await call.write(self._text_request(segment))
+            self._stream_open = True
+        return True
+
+    async def _on_response(self, response: Response) -> bool:
+        kind = response.WhichOneof("response")
+        if kind in ("audio", "segment_complete"):
+            segment = self._pending.get(getattr(response, kind).segment_id)
+            if segment is not None and not segment.accepted:
+                segment.accepted = True
+                if self._one_at_a_time:
+                    await self._send_waiting()
+        await self._handle(response)
+        return False
+
+    async def _on_close(self) -> None:
+        self.stream_id = None
+        self._stream_open = False
+        self._unacknowledged_cancels = 0
+
+    async def _on_fault(self, error: grpc.aio.AioRpcError) -> bool:
+        """A refused segment fails alone; any other fault ends the session (nothing is spoken)."""
+        refused = error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        if not (refused and _refused_field(error).startswith("text.")):
+            self._forget_pending()
+            return False
+        suspects = [s for s in self._pending.values() if s.written and not s.accepted]
+        if len(suspects) == 1:
+            await self._fail_segment(suspects[0], error)
+        elif suspects:
+            self._one_at_a_time = True
+            logger.warning(
+                f"{self}: the TTS server refused one of {len(suspects)} segments "
+                f"({describe(error)}); sending them again one at a time"
+            )
+        return True
+
+    async def _fail_segment(self, segment: _Segment, error: grpc.aio.AioRpcError) -> None:
+        """Drop a refused segment: report it, and complete it with no audio so the LLM goes on."""
+        del self._pending[segment.segment_id]
+        ClientSpans.end(segment.span, **{ATTR_CANCELLED: True})
+        await self.push_error(
+            f"TTS refused segment {segment.segment_id}: {describe(error)}; skipping it"
+        )
+        await self.push_frame(
+            SegmentCompleteFrame(segment_id=segment.segment_id, audio_ms=0.0),
+            FrameDirection.UPSTREAM,
+        )
+        self._settle()
 
     async def _handle(self, response: tts_pb2.SynthesizeResponse) -> None:
         kind = response.WhichOneof("response")
@@ -352,5 +367,18 @@ class GrpcTTSService(AIService):
             SegmentCompleteFrame(segment_id=complete.segment_id, audio_ms=complete.audio_ms),
             FrameDirection.UPSTREAM,
         )
-        if not self._pending:
-            self._all_spoken.set()
+        self._settle()
+
+
+def _refused_field(error: grpc.aio.AioRpcError) -> str:
+    """The request field a `google.rpc.BadRequest` detail of `error` names ("" if none)."""
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # a status whose details disagree with its code: name nothing
+        return ""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            refused = error_details_pb2.BadRequest()
+            detail.Unpack(refused)
+            return next((str(v.field) for v in refused.field_violations), "")
+    return ""

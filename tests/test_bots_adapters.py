@@ -52,6 +52,7 @@ from services.runtime.server import MeshServer
 from services.tts.backend import SynthesisMode
 from services.tts.servicer import TtsService
 from services.tts.settings import TtsSettings
+from tests.adapter_doubles import RefusingServerDouble, WritesFailAfterConfigCall
 from tests.conftest import running
 from tests.doubles import CountingAsrBackendDouble, ScriptedLlmBackendDouble, ToneTtsBackendDouble
 from tests.helpers import frames, silence_pcm, tone_pcm
@@ -200,8 +201,10 @@ def asr_service(port: int) -> AsrService:
     return AsrService(settings, CountingAsrBackendDouble())
 
 
-def tts_service(port: int, backend: ToneTtsBackendDouble) -> TtsService:
-    settings = TtsSettings(port=port, max_streams=4, max_text_chars=2000, shutdown_grace_s=0)
+def tts_service(port: int, backend: ToneTtsBackendDouble, max_text_chars: int = 2000) -> TtsService:
+    settings = TtsSettings(
+        port=port, max_streams=4, max_text_chars=max_text_chars, shutdown_grace_s=0
+    )
     return TtsService(settings, backend)
 
 
@@ -769,3 +772,182 @@ async def test_stt_releases_the_turn_end_after_finalize_timeout_without_a_final(
     assert [f.soft for f in finalizes] == [True, False]
     assert finalizes[1].utterance_id
     assert any("no final transcript" in line for line in logs)
+
+
+# ---- 7. the shared call: faults, backoff, the writer task --------------------------------------
+
+TOO_LONG = "This segment is far longer than the server's limit on one segment allows."
+
+
+@pytest.mark.timeout(15)
+async def test_tts_fails_only_a_refused_segment_and_speaks_the_next_response():
+    backend = ToneTtsBackendDouble(word_delay_s=0.01)
+    async with running(tts_service(0, backend, max_text_chars=40)) as server:
+        tts = GrpcTTSService(target=target(server), segment_timeout_s=5)
+        async with bench(tts) as b:
+            await until(lambda: tts.connected, 5, "the TTS to connect")
+            await b.send(
+                LLMFullResponseStartFrame(), chunk("r1", 0, TOO_LONG), LLMFullResponseEndFrame()
+            )
+            await b.down.wait_for(LLMFullResponseEndFrame, 3)
+            await b.send(
+                LLMFullResponseStartFrame(),
+                chunk("r2", 0, "Hello there."),
+                LLMFullResponseEndFrame(),
+            )
+            await b.down.wait_for(LLMFullResponseEndFrame, 5, count=2)
+    # The refused segment completes with no audio, so an LLM waiting on it goes on.
+    completed = [(f.segment_id, f.audio_ms) for f in b.up.all(SegmentCompleteFrame)]
+    assert completed[0] == ("r1/0", 0.0)
+    assert [segment for segment, _ in completed] == ["r1/0", "r2/0"]
+    assert [job.text for job in backend.jobs] == ["Hello there."]
+    assert {f.context_id for f in b.down.all(TTSAudioRawFrame)} == {"r2/0"}
+    [error] = b.errors()
+    assert "r1/0" in error and "INVALID_ARGUMENT" in error
+    assert tts.is_usable
+
+
+@pytest.mark.timeout(20)
+async def test_tts_finds_the_refused_one_of_several_segments_in_flight():
+    backend = ToneTtsBackendDouble(word_delay_s=0.2)  # no audio before the refusal arrives
+    async with running(tts_service(0, backend, max_text_chars=40)) as server:
+        tts = GrpcTTSService(target=target(server), segment_timeout_s=10)
+        with captured_logs() as logs:
+            async with bench(tts) as b:
+                await until(lambda: tts.connected, 5, "the TTS to connect")
+                await b.send(
+                    LLMFullResponseStartFrame(),
+                    chunk("r1", 0, "Hello there."),
+                    chunk("r1", 1, TOO_LONG),
+                    chunk("r1", 2, "Bye now."),
+                    LLMFullResponseEndFrame(),
+                )
+                await b.down.wait_for(LLMFullResponseEndFrame, 10)
+    assert any("sending them again one at a time" in line for line in logs)
+    completed = {f.segment_id: f.audio_ms for f in b.up.all(SegmentCompleteFrame)}
+    assert completed.keys() == {"r1/0", "r1/1", "r1/2"}
+    assert completed["r1/1"] == 0.0 and completed["r1/0"] > 0 and completed["r1/2"] > 0
+    assert {job.text for job in backend.jobs} == {"Hello there.", "Bye now."}
+    assert {f.context_id for f in b.down.all(TTSAudioRawFrame)} == {"r1/0", "r1/2"}
+    [error] = b.errors()
+    assert "r1/1" in error and "INVALID_ARGUMENT" in error
+
+
+@pytest.mark.timeout(15)
+async def test_tts_ends_the_session_with_one_error_when_its_config_is_refused():
+    backend = ToneTtsBackendDouble()
+    async with running(tts_service(0, backend)) as server:
+        tts = GrpcTTSService(target=target(server), voice="nobody", segment_timeout_s=5)
+        async with bench(tts) as b:
+            await until(lambda: b.errors(), 5, "the refusal to be reported")
+            sent = time.perf_counter()
+            await b.send(
+                LLMFullResponseStartFrame(), chunk("r1", 0, "Hello."), LLMFullResponseEndFrame()
+            )
+            await b.down.wait_for(LLMFullResponseEndFrame, 3)
+    assert b.down.at(LLMFullResponseEndFrame) - sent < 1.0  # not held for segment_timeout_s
+    [error] = b.errors()
+    assert "INVALID_ARGUMENT" in error and "unknown voice" in error
+    assert not tts.is_usable
+    assert backend.jobs == []
+
+
+ADAPTERS = {
+    "stt": lambda address: GrpcSTTService(target=address),
+    "tts": lambda address: GrpcTTSService(target=address),
+}
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+@pytest.mark.timeout(15)
+async def test_a_non_retryable_status_ends_the_session_with_one_error_and_no_redial(kind):
+    refusing = RefusingServerDouble(grpc.StatusCode.FAILED_PRECONDITION)
+    async with serving_double(refusing.register) as address:
+        adapter = ADAPTERS[kind](address)
+        async with bench(adapter) as b:
+            await until(lambda: b.errors(), 5, "the refusal to be reported")
+            await asyncio.sleep(1.0)
+    assert refusing.opened == 1
+    [error] = b.errors()
+    assert "FAILED_PRECONDITION" in error
+    assert not adapter.is_usable
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+@pytest.mark.timeout(15)
+async def test_a_retryable_status_is_retried_with_growing_waits(kind):
+    busy = RefusingServerDouble(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    async with serving_double(busy.register) as address:
+        adapter = ADAPTERS[kind](address)
+        async with bench(adapter) as b:
+            await until(lambda: busy.opened >= 2, 5, "a retry")
+            await asyncio.sleep(1.5)
+    # Waits of about 0.2, 0.4, 0.8, 1.6 s: a few calls in the first 2 s or so, not hundreds.
+    assert 3 <= busy.opened <= 7
+    assert b.errors() == []
+    assert adapter.is_usable
+
+
+def _writers_running() -> int:
+    return sum(
+        1
+        for task in asyncio.all_tasks()
+        if task.get_coro().__qualname__.endswith("._write_all") and not task.done()
+    )
+
+
+class WriterWatchingSTT(GrpcSTTService):
+    """Counts, each time a call ends, the outbox writer tasks still running."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.writers_at_close: list[int] = []
+
+    async def _on_close(self) -> None:
+        self.writers_at_close.append(_writers_running())
+        await super()._on_close()
+
+
+@pytest.mark.timeout(20)
+async def test_stt_writer_task_has_ended_whenever_its_call_ends():
+    port = free_port()
+    stt = WriterWatchingSTT(target=f"127.0.0.1:{port}")
+    async with bench(stt) as b:
+        async with running(asr_service(port)):
+            await until(lambda: stt.connected, 5, "the STT to connect")
+            await b.say(tone_pcm(0.2))
+        await until(lambda: not stt.connected, 5, "the STT to notice the restart")
+        async with running(asr_service(port)):
+            await until(lambda: stt.connected, 10, "the STT to re-open its call")
+            await b.say(tone_pcm(0.1))
+    # The restart ended one call, the pipeline's cancel the other (and failed dials count too).
+    assert len(stt.writers_at_close) >= 2
+    assert set(stt.writers_at_close) == {0}
+    assert _writers_running() == 0
+
+
+class WriteFailingSTT(GrpcSTTService):
+    """Its calls' writes fail after the config."""
+
+    def _new_call(self, channel: grpc.aio.Channel) -> Any:
+        self.call = WritesFailAfterConfigCall(super()._new_call(channel))
+        return self.call
+
+
+@pytest.mark.timeout(15)
+async def test_stt_a_failed_writer_ends_its_call_and_is_reported():
+    deaf = StalledServerDouble(ready=True)  # answers the config, then never a word
+    async with serving_double(deaf.register) as address:
+        stt = WriteFailingSTT(target=address)
+        with captured_logs("ERROR") as logs:
+            async with bench(stt) as b:
+                await until(lambda: stt.connected, 5, "the STT to connect")
+                await b.say(tone_pcm(0.1))
+                await until(lambda: deaf.cancelled == 1, 3, "the server to see the call end")
+                await until(lambda: b.errors(), 3, "the failure to be reported")
+                assert not stt.connected
+    assert stt.call.failed_writes == 1
+    [error] = b.errors()
+    assert "ASR call failed" in error and "the transport dropped a write" in error
+    assert any("unexpected error in the ASR call" in line for line in logs)
+    assert deaf.opened == 1
