@@ -3,7 +3,7 @@
 Reads spans from an OTLP JSON file (what NEMOTRON_TRACE_FILE writes) or from Jaeger's query API,
 groups them into turns (one trace per turn), and prints p50/p95/max of each stage's time to first
 byte and of the end-to-end latency (finalize received -> first reply audio), plus a PNG timeline
-of one turn.
+of one conversation turn's stages.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ STAGES = (
     ("llm", names.SPAN_LLM_REQUEST),
     ("tts", names.SPAN_TTS_SEGMENT),
 )
+STAGE_NAMES = frozenset(name for _, name in STAGES)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,21 @@ class Turn:
         span = self.first(name)
         value = span.attributes.get(names.ATTR_TTFB_MS) if span else None
         return float(value) if value is not None else None
+
+    def stage_spans(self) -> list[SpanRecord]:
+        """The spans of the stages (asr.finalize, llm.request, tts.segment), in start order."""
+        return sorted(
+            (s for s in self.spans if s.name in STAGE_NAMES), key=lambda s: (s.start_ns, -s.end_ns)
+        )
+
+    @property
+    def is_conversation_turn(self) -> bool:
+        """Whether the trace holds every stage, as a user's turn does.
+
+        A stream's own RPC trace can hold a stage span too (a soft finalize carries no turn's
+        context, so its asr.finalize lands under the StreamingRecognize call), yet it is no turn.
+        """
+        return STAGE_NAMES <= {s.name for s in self.spans}
 
     def end_to_end_ms(self) -> float | None:
         """Finalize received by ASR -> first reply audio sent by TTS."""
@@ -172,6 +188,15 @@ def turns_of(spans: Iterable[SpanRecord]) -> list[Turn]:
     return sorted(turns, key=lambda t: min(s.start_ns for s in t.spans))
 
 
+def conversation_turns(turns: list[Turn]) -> list[Turn]:
+    """The turns that hold every stage, in the order their stages began.
+
+    When there is none (a recording of one server alone), every turn is one.
+    """
+    chosen = [t for t in turns if t.is_conversation_turn] or turns
+    return sorted(chosen, key=lambda t: t.stage_spans()[0].start_ns)
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = (len(ordered) - 1) * q / 100
@@ -214,30 +239,62 @@ def format_summary(figures: dict[str, dict[str, float]], turns: int) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Bar:
+    """One row of a turn's timeline, in milliseconds since the turn's first stage began."""
+
+    label: str
+    service: str
+    start_ms: float
+    length_ms: float
+    ttfb_ms: float | None
+
+
+def timeline(turn: Turn) -> list[Bar]:
+    """The rows of `turn`'s timeline: its stage spans only, in start order.
+
+    The trace's other spans (the bot's turn and client spans) can stretch far beyond the stages
+    and would shrink them to slivers, so they are left out.
+    """
+    spans = turn.stage_spans()
+    origin = spans[0].start_ns if spans else 0
+    bars = []
+    for span in spans:
+        ttfb = span.attributes.get(names.ATTR_TTFB_MS)
+        bars.append(
+            Bar(
+                label=f"{span.service}: {span.name}",
+                service=span.service,
+                start_ms=(span.start_ns - origin) / 1e6,
+                length_ms=span.duration_ms,
+                ttfb_ms=float(ttfb) if ttfb is not None else None,
+            )
+        )
+    return bars
+
+
 def plot_timeline(turn: Turn, path: Path) -> None:
-    """A Gantt chart of one turn's spans, with each stage's first byte marked."""
+    """A Gantt chart of one turn's stage spans, with each stage's first byte marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spans = sorted(turn.spans, key=lambda s: (s.start_ns, -s.end_ns))
-    origin = spans[0].start_ns
-    figure, axes = plt.subplots(figsize=(10, 0.35 * len(spans) + 1.5))
-    for row, span in enumerate(spans):
-        start = (span.start_ns - origin) / 1e6
+    bars = timeline(turn)
+    figure, axes = plt.subplots(figsize=(10, 0.35 * len(bars) + 1.5))
+    for row, bar in enumerate(bars):
         axes.barh(
             row,
-            max(span.duration_ms, 0.5),
-            left=start,
+            max(bar.length_ms, 0.5),
+            left=bar.start_ms,
             height=0.6,
-            color=f"C{hash(span.service) % 10}",
+            color=f"C{hash(bar.service) % 10}",
         )
-        if (ttfb := span.attributes.get(names.ATTR_TTFB_MS)) is not None:
-            axes.plot([start + float(ttfb)], [row], marker="|", markersize=14, color="black")
-    axes.set_yticks(range(len(spans)), [f"{s.service}: {s.name}" for s in spans], fontsize=8)
+        if bar.ttfb_ms is not None:
+            axes.plot([bar.start_ms + bar.ttfb_ms], [row], marker="|", markersize=14, color="black")
+    axes.set_yticks(range(len(bars)), [bar.label for bar in bars], fontsize=8)
     axes.invert_yaxis()
-    axes.set_xlabel("milliseconds since the turn's first span (| = first byte)")
+    axes.set_xlabel("milliseconds since the turn's first stage began (| = first byte)")
     axes.set_title(f"turn {turn.trace_id[:8]}")
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
@@ -265,7 +322,10 @@ def add_trace_report_parser(subparsers: Any) -> None:
         help="where to draw one turn's timeline",
     )
     parser.add_argument(
-        "--turn", type=int, default=-1, help="which turn to draw (index, default the last)"
+        "--turn",
+        type=int,
+        default=-1,
+        help="which conversation turn to draw (index, oldest 0; default -1, the last)",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -283,6 +343,11 @@ def run_trace_report(args: argparse.Namespace) -> int:
         return 1
     figures = summary(turns)
     print(json.dumps(figures, indent=2) if args.json else format_summary(figures, len(turns)))
-    plot_timeline(turns[args.turn], args.png)
-    print(f"timeline of turn {turns[args.turn].trace_id[:8]}: {args.png}")
+    drawable = conversation_turns(turns)
+    if not -len(drawable) <= args.turn < len(drawable):
+        print(f"--turn {args.turn} is out of range: there are {len(drawable)} conversation turns")
+        return 2
+    turn = drawable[args.turn]
+    plot_timeline(turn, args.png)
+    print(f"timeline of turn {turn.trace_id[:8]}: {args.png}")
     return 0

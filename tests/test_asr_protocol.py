@@ -157,6 +157,7 @@ async def test_audio_after_half_close_is_refused_and_pending_audio_is_finalized(
     [
         ([Req(audio=b"\x00\x00")], grpc.StatusCode.FAILED_PRECONDITION, None),
         ([finalize("x")], grpc.StatusCode.FAILED_PRECONDITION, None),
+        ([Req()], grpc.StatusCode.INVALID_ARGUMENT, "request"),
         ([config(), config()], grpc.StatusCode.FAILED_PRECONDITION, None),
         ([config(), Req()], grpc.StatusCode.INVALID_ARGUMENT, "request"),
         ([config(rate=11025)], grpc.StatusCode.INVALID_ARGUMENT, "config.sample_rate_hz"),
@@ -170,6 +171,7 @@ async def test_audio_after_half_close_is_refused_and_pending_audio_is_finalized(
     ids=[
         "audio-first",
         "finalize-first",
+        "empty-first",
         "second-config",
         "empty-request",
         "bad-rate",

@@ -172,6 +172,7 @@ async def test_long_text_is_split_for_the_synthesiser(tts_stub, tts_backend):
     [
         ([text("a", "hi")], grpc.StatusCode.FAILED_PRECONDITION, None, "config"),
         ([CANCEL], grpc.StatusCode.FAILED_PRECONDITION, None, "config"),
+        ([Req()], grpc.StatusCode.INVALID_ARGUMENT, "request", "send config first"),
         ([config(), config()], grpc.StatusCode.FAILED_PRECONDITION, None, "once"),
         ([config(), Req()], grpc.StatusCode.INVALID_ARGUMENT, "request", "field"),
         (
@@ -187,6 +188,7 @@ async def test_long_text_is_split_for_the_synthesiser(tts_stub, tts_backend):
     ids=[
         "text-first",
         "cancel-first",
+        "empty-first",
         "second-config",
         "empty-request",
         "unknown-voice",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 from nemotron.speech.v1 import llm_pb2
 from services.llm.backend import ROLES, ChatTurn, GenerationRequest, Sampling
@@ -115,13 +116,33 @@ def _ranged(
 ) -> float:
     if not params.HasField(name):
         return default
-    value = float(getattr(params, name))
+    sent: float = getattr(params, name)
+    value = float(sent)
     if math.isnan(value) or not low <= value <= high:
         raise InvalidArgument(
-            f"{name} is {value}; it must be between {low:g} and {high:g}",
+            f"{name} is {_shown(sent)}; it must be between {low:g} and {high:g}",
             field=f"start.sampling.{name}",
         )
     return value
+
+
+def _shown(value: float) -> str:
+    """`value` as the client wrote it, for an error message.
+
+    An integer field reads as an integer (0, not 0.0); a float field in the fewest digits that give
+    back the same 32-bit float (1.1, not 1.100000023841858).
+    """
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value)
+    for digits in range(1, 9):
+        text = f"{value:.{digits}g}"
+        if _float32(float(text)) == _float32(value):
+            return text
+    return f"{value:.9g}"  # nine significant digits name any 32-bit float
+
+
+def _float32(value: float) -> bytes:
+    return struct.pack("<f", value)
 
 
 def _optional(message: llm_pb2.ChunkingPolicy, name: str, default: int) -> int:

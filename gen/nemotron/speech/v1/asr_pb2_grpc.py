@@ -35,9 +35,9 @@ class AsrServiceStub:
     finalize's utterance_id.
 
     Errors: FAILED_PRECONDITION for audio or finalize before the config, or a second config;
-    INVALID_ARGUMENT for a bad config field (details name the field) or an empty request;
-    RESOURCE_EXHAUSTED when the server already serves its maximum number of streams;
-    UNAVAILABLE while the model loads.
+    INVALID_ARGUMENT for a bad config field (details name the field) or an empty request (no field
+    set), the first one included; RESOURCE_EXHAUSTED when the server already serves its maximum
+    number of streams; UNAVAILABLE while the model loads.
     """
 
     def __init__(self, channel):
@@ -63,9 +63,9 @@ class AsrServiceServicer:
     finalize's utterance_id.
 
     Errors: FAILED_PRECONDITION for audio or finalize before the config, or a second config;
-    INVALID_ARGUMENT for a bad config field (details name the field) or an empty request;
-    RESOURCE_EXHAUSTED when the server already serves its maximum number of streams;
-    UNAVAILABLE while the model loads.
+    INVALID_ARGUMENT for a bad config field (details name the field) or an empty request (no field
+    set), the first one included; RESOURCE_EXHAUSTED when the server already serves its maximum
+    number of streams; UNAVAILABLE while the model loads.
     """
 
     def StreamingRecognize(self, request_iterator, context):
@@ -101,9 +101,9 @@ class AsrService:
     finalize's utterance_id.
 
     Errors: FAILED_PRECONDITION for audio or finalize before the config, or a second config;
-    INVALID_ARGUMENT for a bad config field (details name the field) or an empty request;
-    RESOURCE_EXHAUSTED when the server already serves its maximum number of streams;
-    UNAVAILABLE while the model loads.
+    INVALID_ARGUMENT for a bad config field (details name the field) or an empty request (no field
+    set), the first one included; RESOURCE_EXHAUSTED when the server already serves its maximum
+    number of streams; UNAVAILABLE while the model loads.
     """
 
     @staticmethod

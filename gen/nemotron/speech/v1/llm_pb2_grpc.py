@@ -38,9 +38,9 @@ class LlmServiceStub:
 
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
-    a context that does not fit the window even after trimming, or an empty request;
-    RESOURCE_EXHAUSTED when the server serves its maximum number of requests; UNAVAILABLE when an
-    upstream model server cannot be reached.
+    a context that does not fit the window even after trimming, or an empty request (no field set),
+    the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
+    requests; UNAVAILABLE when an upstream model server cannot be reached.
     """
 
     def __init__(self, channel):
@@ -69,9 +69,9 @@ class LlmServiceServicer:
 
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
-    a context that does not fit the window even after trimming, or an empty request;
-    RESOURCE_EXHAUSTED when the server serves its maximum number of requests; UNAVAILABLE when an
-    upstream model server cannot be reached.
+    a context that does not fit the window even after trimming, or an empty request (no field set),
+    the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
+    requests; UNAVAILABLE when an upstream model server cannot be reached.
     """
 
     def GenerateChunks(self, request_iterator, context):
@@ -110,9 +110,9 @@ class LlmService:
 
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
-    a context that does not fit the window even after trimming, or an empty request;
-    RESOURCE_EXHAUSTED when the server serves its maximum number of requests; UNAVAILABLE when an
-    upstream model server cannot be reached.
+    a context that does not fit the window even after trimming, or an empty request (no field set),
+    the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
+    requests; UNAVAILABLE when an upstream model server cannot be reached.
     """
 
     @staticmethod

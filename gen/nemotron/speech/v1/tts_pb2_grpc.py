@@ -40,8 +40,9 @@ class TtsServiceStub:
 
     Errors: FAILED_PRECONDITION for text, close or cancel before the config, or a second config;
     INVALID_ARGUMENT for an unknown voice or language (the message lists the valid ones), a bad
-    sample rate, a text over the size limit, or an empty request; RESOURCE_EXHAUSTED when the server
-    already serves its maximum number of calls or the segment queue of this call is full.
+    sample rate, a text over the size limit, or an empty request (no field set), the first one
+    included; RESOURCE_EXHAUSTED when the server already serves its maximum number of calls or the
+    segment queue of this call is full.
     """
 
     def __init__(self, channel):
@@ -77,8 +78,9 @@ class TtsServiceServicer:
 
     Errors: FAILED_PRECONDITION for text, close or cancel before the config, or a second config;
     INVALID_ARGUMENT for an unknown voice or language (the message lists the valid ones), a bad
-    sample rate, a text over the size limit, or an empty request; RESOURCE_EXHAUSTED when the server
-    already serves its maximum number of calls or the segment queue of this call is full.
+    sample rate, a text over the size limit, or an empty request (no field set), the first one
+    included; RESOURCE_EXHAUSTED when the server already serves its maximum number of calls or the
+    segment queue of this call is full.
     """
 
     def Synthesize(self, request_iterator, context):
@@ -131,8 +133,9 @@ class TtsService:
 
     Errors: FAILED_PRECONDITION for text, close or cancel before the config, or a second config;
     INVALID_ARGUMENT for an unknown voice or language (the message lists the valid ones), a bad
-    sample rate, a text over the size limit, or an empty request; RESOURCE_EXHAUSTED when the server
-    already serves its maximum number of calls or the segment queue of this call is full.
+    sample rate, a text over the size limit, or an empty request (no field set), the first one
+    included; RESOURCE_EXHAUSTED when the server already serves its maximum number of calls or the
+    segment queue of this call is full.
     """
 
     @staticmethod
