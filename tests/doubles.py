@@ -19,7 +19,15 @@ from services.asr.backend import (
     RecognizerEvent,
     StreamOptions,
 )
-from services.llm.backend import FinishReason, GenerationRequest, GenerationStats, LlmBackend
+from services.llm.backend import (
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    LlmBackend,
+    PromptUsage,
+    TokenText,
+)
 from services.runtime.audio import FloatAudio
 from services.runtime.streams import StreamQueue
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
@@ -149,21 +157,41 @@ class ScriptedLlmBackendDouble(LlmBackend):
     def model_name(self) -> str:
         return "scripted-double"
 
-    async def generate(
-        self, request: GenerationRequest, stats: GenerationStats
-    ) -> AsyncIterator[str]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self.requests.append(request)
-        stats.prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        yield PromptUsage(sum(len(m.content.split()) for m in request.messages))
         words = self.reply.split(" ")
         tokens = [words[0]] + [" " + w for w in words[1:]]
         try:
             for index, token in enumerate(tokens):
                 if index >= request.sampling.max_tokens:
-                    stats.finish_reason = FinishReason.LENGTH
+                    yield Finished(FinishReason.LENGTH)
                     return
                 await asyncio.sleep(self.token_delay_s)
                 self.tokens_generated += 1
-                stats.token_generated()
-                yield token
+                yield TokenText(token)
+            yield Finished(FinishReason.STOP)
         finally:
             self.closed += 1
+
+
+class ThreadLoadedLlmBackendDouble(ScriptedLlmBackendDouble):
+    """Loads in a worker thread that blocks for `load_s` seconds, as reading weights does.
+
+    `loading` is set once the thread blocks; setting `release` ends the load early.
+    """
+
+    def __init__(self, reply: str, load_s: float = 2.0) -> None:
+        import threading  # only this double blocks a thread
+
+        super().__init__(reply)
+        self.load_s = load_s
+        self.loading = threading.Event()
+        self.release = threading.Event()
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self._read_weights)
+
+    def _read_weights(self) -> None:
+        self.loading.set()
+        self.release.wait(self.load_s)

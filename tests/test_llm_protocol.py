@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
-from services.llm.backend import GenerationRequest, GenerationStats
+from services.llm.backend import GenerationEvent, GenerationRequest, TokenText
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from tests.conftest import REPLY, channel_to, running
@@ -122,14 +122,11 @@ class SplitCharacterLlmBackendDouble(ScriptedLlmBackendDouble):
     lead byte's token, but its text only arrives with the next token.
     """
 
-    async def generate(
-        self, request: GenerationRequest, stats: GenerationStats
-    ) -> AsyncIterator[str]:
-        async for token in super().generate(request, stats):
-            if not token.isascii():
-                stats.token_generated()
-                yield ""
-            yield token
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        async for event in super().generate(request):
+            if isinstance(event, TokenText) and not event.text.isascii():
+                yield TokenText("")
+            yield event
 
 
 async def test_tokens_without_text_of_their_own_count_in_the_chunk_of_their_text():
@@ -168,7 +165,7 @@ async def test_continue_for_an_unsent_chunk_is_refused(llm_stub):
     [
         ([cont(0)], grpc.StatusCode.FAILED_PRECONDITION, None),
         ([CANCEL], grpc.StatusCode.FAILED_PRECONDITION, None),
-        ([Req()], grpc.StatusCode.FAILED_PRECONDITION, None),
+        ([Req()], grpc.StatusCode.INVALID_ARGUMENT, "request"),
         ([start(wait=True), start()], grpc.StatusCode.FAILED_PRECONDITION, None),
         ([start(wait=True), Req()], grpc.StatusCode.INVALID_ARGUMENT, "request"),
         ([start(messages=[])], grpc.StatusCode.INVALID_ARGUMENT, "start.messages"),
@@ -301,3 +298,37 @@ async def test_non_utf8_text_is_invalid_argument(llm_server):
             await read_all(method(iter([request])))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UTF-8" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("sampling", "said"),
+    [
+        (llm_pb2.SamplingParams(max_tokens=0), "max_tokens is 0;"),
+        (llm_pb2.SamplingParams(top_k=5000), "top_k is 5000;"),
+        (llm_pb2.SamplingParams(top_p=1.1), "top_p is 1.1;"),
+        (llm_pb2.SamplingParams(repetition_penalty=0.3), "repetition_penalty is 0.3;"),
+    ],
+    ids=["max-tokens", "top-k", "top-p", "repetition-penalty"],
+)
+async def test_a_refused_value_is_quoted_as_it_was_sent(llm_stub, sampling, said):
+    # Integer fields read as integers (not 0.0), float fields without float32 noise.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_all(llm_stub.GenerateChunks(iter([start(sampling=sampling)])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(said)
+
+
+async def test_a_first_request_from_a_newer_client_is_invalid_argument(llm_server):
+    # Field 15 is not in this server's oneof: to it the message sets no field, like an empty one.
+    unknown_field = bytes([15 << 3 | 0, 0x01])  # field 15, varint, value 1
+    assert not Req.FromString(unknown_field).WhichOneof("request")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{llm_server.port}") as channel:
+        method = channel.stream_stream(
+            "/nemotron.speech.v1.LlmService/GenerateChunks",
+            request_serializer=lambda raw: raw,
+            response_deserializer=llm_pb2.GenerateChunksResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_all(method(iter([unknown_field])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violation(caught.value) == "request"

@@ -19,14 +19,15 @@ import httpx
 import pytest
 
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
-from services.llm.backend import FinishReason, GenerationStats
+from services.llm.backend import Finished, FinishReason, PromptUsage, TokenText
 from services.llm.backends.llama_cpp import default_model_path
 from services.llm.backends.openai_upstream import (
     OpenAIUpstreamLlmBackend,
-    apply_event,
+    events_of,
     parse_event,
     status_error,
 )
+from services.llm.generation import GenerationStats
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.runtime.server import MeshServer
@@ -231,22 +232,28 @@ def test_a_plain_text_error_body_is_kept():
 
 def test_usage_and_cached_tokens_come_from_the_usage_chunk():
     stats = GenerationStats()
-    assert apply_event({"choices": [{"delta": {"content": "Hi"}}]}, stats) == ["Hi"]
-    assert apply_event({"choices": [{"delta": {}, "finish_reason": "length"}]}, stats) == []
+    first = events_of({"choices": [{"delta": {"content": "Hi"}}]})
+    assert first == [TokenText("Hi")]
+    assert events_of({"choices": [{"delta": {}, "finish_reason": "length"}]}) == [
+        Finished(FinishReason.LENGTH)
+    ]
     usage = {
         "prompt_tokens": 40,
         "completion_tokens": 3,
         "prompt_tokens_details": {"cached_tokens": 32},
     }
-    apply_event({"choices": [], "usage": usage}, stats)
-    assert (stats.prompt_tokens, stats.cached_prompt_tokens, stats.completion_tokens) == (40, 32, 3)
+    (last,) = events_of({"choices": [], "usage": usage})
+    for event in (*first, Finished(FinishReason.LENGTH), last):
+        stats.record(event)
+    counts = (stats.prompt_tokens, stats.cached_prompt_tokens, stats.usage_completion_tokens)
+    assert counts == (40, 32, 3)
+    assert stats.completion_tokens == 1  # the deltas received; the usage is the server's count
     assert stats.finish_reason == FinishReason.LENGTH
 
 
 def test_llama_server_timings_give_the_cached_tokens():
-    stats = GenerationStats()
-    apply_event({"choices": [], "usage": {"prompt_tokens": 9}, "timings": {"cache_n": 6}}, stats)
-    assert stats.cached_prompt_tokens == 6
+    event = {"choices": [], "usage": {"prompt_tokens": 9}, "timings": {"cache_n": 6}}
+    assert events_of(event) == [PromptUsage(9, 6, None)]
 
 
 def test_sse_lines():

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.llm.backend import FinishReason, GenerationStats, Sampling
-from services.llm.backends.vllm import VllmLlmBackend, finish_reason, record_output, sampling_kwargs
+from services.llm.backend import Finished, FinishReason, PromptUsage, Sampling, TokenText
+from services.llm.backends.vllm import VllmLlmBackend, finish_reason, output_events, sampling_kwargs
+from services.llm.generation import GenerationStats
 from services.llm.settings import LlmSettings
 
 
@@ -49,15 +50,19 @@ def test_sampling_maps_to_vllm_arguments():
     assert "seed" not in sampling_kwargs(Sampling())
 
 
-def test_delta_outputs_fill_the_stats():
+def test_delta_outputs_carry_texts_tokens_cache_and_finish():
     stats = GenerationStats()
 
     def output(text, tokens, reason=None):
         completion = SimpleNamespace(text=text, token_ids=tokens, finish_reason=reason)
         return SimpleNamespace(num_cached_tokens=16, outputs=[completion])
 
-    assert record_output(output("Hello", [1]), stats) == "Hello"
-    assert record_output(output(" world", [2, 3], "length"), stats) == " world"
+    first = output_events(output("Hello", [1]), 20)
+    assert first == [PromptUsage(20, 16), TokenText("Hello", 1)]
+    second = output_events(output(" world", [2, 3], "length"), 20)
+    assert second[1:] == [TokenText(" world", 2), Finished(FinishReason.LENGTH)]
+    for event in (*first, *second):
+        stats.record(event)
     assert stats.completion_tokens == 3
     assert stats.cached_prompt_tokens == 16
     assert stats.finish_reason == FinishReason.LENGTH
@@ -81,8 +86,8 @@ async def test_the_engine_generates_where_vllm_and_a_gpu_are():
     try:
         stats = GenerationStats()
         request = GenerationRequest("t", (ChatTurn("user", "Hi"),), Sampling(max_tokens=8))
-        texts = [text async for text in backend.generate(request, stats)]
-        assert texts
+        async for event in backend.generate(request):
+            stats.record(event)
         assert stats.completion_tokens >= 1
     finally:
         await backend.aclose()

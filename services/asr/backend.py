@@ -9,16 +9,16 @@ interim results and timings.
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Self
 
 import numpy as np
 
 from services.asr.settings import AsrSettings
 from services.runtime.audio import FloatAudio
+from services.runtime.backend import Backend
 from services.runtime.streams import StreamQueue
 
 
@@ -88,38 +88,20 @@ class StreamOptions:
     interim_results: bool
 
 
-class AsrBackend(ABC):
+class AsrBackend(Backend[AsrSettings]):
     """A speech recognition engine.
 
-    Implement `recognize`; the rest has sensible defaults. Blocking inference must run off the
-    event loop (`asyncio.to_thread` or the backend's own executor).
+    Implement `model_name` and `recognize`; the rest has sensible defaults. Blocking inference
+    must run off the event loop (`asyncio.to_thread` or the backend's own executor).
     """
 
-    #: Registry name, e.g. "whisper".
-    name: str = ""
     #: Sample rate the model consumes; the servicer resamples client audio to it.
     sample_rate_hz: int = 16000
-
-    @property
-    @abstractmethod
-    def model_name(self) -> str:
-        """Name of the loaded model, reported in `ready`."""
 
     @property
     def languages(self) -> Sequence[str]:
         """BCP-47 primary tags the model recognizes; the first is the default."""
         return ("en",)
-
-    @classmethod
-    def from_settings(cls, settings: AsrSettings) -> Self:
-        """Build the backend from the server's settings; loading happens later, in `load`."""
-        return cls()
-
-    async def load(self) -> None:  # noqa: B027  (optional hook)
-        """Load and warm up the model (health reports NOT_SERVING until this returns)."""
-
-    async def aclose(self) -> None:  # noqa: B027  (optional hook)
-        """Release the model."""
 
     @abstractmethod
     def recognize(

@@ -55,17 +55,12 @@ Request = asr_pb2.StreamingRecognizeRequest
 Response = asr_pb2.StreamingRecognizeResponse
 
 
-class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
+class AsrService(MeshService[AsrSettings, AsrBackend], asr_pb2_grpc.AsrServiceServicer):
     """Serves StreamingRecognize with one backend shared by all streams."""
 
     service_name = asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name
     telemetry_name = "nemotron-asr"
-    backend: AsrBackend
     add_to_server = staticmethod(asr_pb2_grpc.add_AsrServiceServicer_to_server)
-
-    def __init__(self, settings: AsrSettings, backend: AsrBackend) -> None:
-        super().__init__(settings, backend)
-        self.asr_settings = settings
 
     @rpc_errors
     async def StreamingRecognize(
@@ -101,7 +96,7 @@ class AsrService(MeshService, asr_pb2_grpc.AsrServiceServicer):
                 self.backend.model_name,
             )
             events: StreamQueue[RecognizerEvent] = StreamQueue(_EVENT_QUEUE_SIZE)
-            reader = _RequestReader(self.asr_settings, self.backend.sample_rate_hz, input_rate)
+            reader = _RequestReader(self.settings, self.backend.sample_rate_hz, input_rate)
             duplex.spawn(reader.run(requests, events), name=f"{options.session_id}-reader")
             duplex.spawn(
                 self._relay(options, relay, events, duplex),

@@ -7,14 +7,13 @@ servicer owns validation, sentence chunking, flow control (it simply stops pulli
 
 from __future__ import annotations
 
-import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Self
 
 from services.llm.settings import LlmSettings
+from services.runtime.backend import Backend
 
 ROLES = ("system", "user", "assistant")
 
@@ -58,65 +57,53 @@ class GenerationRequest:
     conversation_id: str = ""
 
 
-@dataclass
-class GenerationStats:
-    """Filled in by the backend while it generates; read by the servicer at the end."""
+@dataclass(frozen=True)
+class TokenText:
+    """The text of `tokens` newly generated tokens.
 
-    prompt_tokens: int = 0
+    Usually one token with its text. A token whose text is not complete yet (part of a UTF-8
+    character, text a stop string may still claim) comes with empty text, and its text later with
+    `tokens=0`, so that the servicer's counts and timings see every token when it is generated.
+    """
+
+    text: str
+    tokens: int = 1
+
+
+@dataclass(frozen=True)
+class PromptUsage:
+    """What the prompt cost, when the backend knows it (before the first text, or at the end).
+
+    `completion_tokens` is the engine's own count where it reports one (an upstream server's
+    usage); otherwise the servicer counts the `TokenText` tokens.
+    """
+
+    prompt_tokens: int
     cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: FinishReason = FinishReason.STOP
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-
-    def token_generated(self) -> None:
-        """Count one completion token and keep the generation's time span."""
-        now = time.perf_counter()
-        self.completion_tokens += 1
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.last_token_at = now
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Completion tokens per second between the first and the last token."""
-        if self.first_token_at is None or self.last_token_at is None:
-            return 0.0
-        span = self.last_token_at - self.first_token_at
-        return (self.completion_tokens - 1) / span if span > 0 else 0.0
+    completion_tokens: int | None = None
 
 
-class LlmBackend(ABC):
+@dataclass(frozen=True)
+class Finished:
+    """Why generation ended; the last event of a generation that was not closed early."""
+
+    reason: FinishReason
+
+
+GenerationEvent = TokenText | PromptUsage | Finished
+
+
+class LlmBackend(Backend[LlmSettings]):
     """A language model engine.
 
     Implement `model_name` and `generate`. Blocking token steps must run off the event loop, one
-    step per await, so that closing the generator stops generation within one token.
+    step per await, so that closing the generator stops generation within one token. The backend
+    only yields what it produces; the servicer keeps the counts and timings.
     """
 
-    #: Registry name, e.g. "llama_cpp".
-    name: str = ""
-
-    @property
     @abstractmethod
-    def model_name(self) -> str:
-        """Name of the loaded model."""
-
-    @classmethod
-    def from_settings(cls, settings: LlmSettings) -> Self:
-        """Build the backend from the server's settings; loading happens later, in `load`."""
-        return cls()
-
-    async def load(self) -> None:  # noqa: B027  (optional hook)
-        """Load and warm up the model (health reports NOT_SERVING until this returns)."""
-
-    async def aclose(self) -> None:  # noqa: B027  (optional hook)
-        """Release the model."""
-
-    @abstractmethod
-    def generate(
-        self, request: GenerationRequest, stats: GenerationStats
-    ) -> AsyncGenerator[str, None]:
-        """Yield the answer's tokens as text, one token per item, updating `stats` as it goes.
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Yield `TokenText` per generated token, `PromptUsage` once known, then `Finished`.
 
         Raise `services.runtime.errors.InvalidArgument` for a context that cannot fit the
         model's window even after trimming the oldest turns, and `Unavailable` when an upstream

@@ -6,12 +6,21 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
 
 from nemotron.speech.v1 import common_pb2, llm_pb2
-from services.llm.backend import FinishReason, GenerationRequest, GenerationStats, LlmBackend
+from services.llm.backend import (
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    LlmBackend,
+    PromptUsage,
+    TokenText,
+)
 from services.llm.chunker import Chunk, ChunkPolicy, SentenceChunker
 from services.runtime import trace_types as names
 from services.runtime.errors import DeadlineExceeded, FailedPrecondition
@@ -29,6 +38,49 @@ _FINISH_REASONS = {
     FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: llm_pb2.FINISH_REASON_CANCELLED,
 }
+
+
+@dataclass
+class GenerationStats:
+    """What one generation cost, kept from the backend's events as they arrive."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = FinishReason.STOP
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    reported_completion_tokens: int | None = None
+
+    def record(self, event: GenerationEvent) -> None:
+        """Fold one backend event into the counts and timings."""
+        if isinstance(event, TokenText):
+            if event.tokens:
+                now = time.perf_counter()
+                self.completion_tokens += event.tokens
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                self.last_token_at = now
+        elif isinstance(event, PromptUsage):
+            self.prompt_tokens = event.prompt_tokens
+            self.cached_prompt_tokens = event.cached_prompt_tokens
+            self.reported_completion_tokens = event.completion_tokens
+        elif isinstance(event, Finished):
+            self.finish_reason = event.reason
+
+    @property
+    def usage_completion_tokens(self) -> int:
+        """The engine's own count where it reported one, else the tokens received."""
+        reported = self.reported_completion_tokens
+        return reported if reported is not None else self.completion_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Completion tokens per second between the first and the last token."""
+        if self.first_token_at is None or self.last_token_at is None:
+            return 0.0
+        span = self.last_token_at - self.first_token_at
+        return (self.completion_tokens - 1) / span if span > 0 else 0.0
 
 
 class Generation:
@@ -121,23 +173,24 @@ class Generation:
     async def produce(self) -> None:
         """Pull tokens, cut chunks, wait for continue between chunks, then send `done`."""
         chunker = SentenceChunker(self.policy)
-        tokens = self.backend.generate(self.request, self.stats)
-        counted = 0  # completion tokens handed to the chunker
+        events = self.backend.generate(self.request)
+        uncounted = 0  # tokens whose text has not come yet (part of a character, a stop string)
         try:
-            async for text in tokens:
-                if not text:
-                    continue  # its tokens are counted with the next text
-                # The backend counts every token it generates, but a token whose text is not
-                # complete yet (part of a UTF-8 character, a possible stop string) is yielded
-                # with a later one: hand the chunker the true count, so chunk token counts add
-                # up to the tokens generated.
-                new = max(0, self.stats.completion_tokens - counted)
-                counted += new
-                for chunk in chunker.push(text, new):
+            async for event in events:
+                self.stats.record(event)
+                if not isinstance(event, TokenText):
+                    continue
+                uncounted += event.tokens
+                if not event.text:
+                    continue
+                # The chunker gets the tokens with the text they produced, so that chunk token
+                # counts add up to the tokens generated.
+                for chunk in chunker.push(event.text, uncounted):
                     await self._send(chunk)
                     await self._await_release(chunk.index)
+                uncounted = 0
         finally:
-            await tokens.aclose()
+            await events.aclose()
         for chunk in chunker.flush():
             await self._send(chunk)
             # `done` waits for the release of the last chunk too, so that a client's
@@ -210,7 +263,7 @@ class Generation:
                     usage=common_pb2.Usage(
                         prompt_tokens=stats.prompt_tokens,
                         cached_prompt_tokens=stats.cached_prompt_tokens,
-                        completion_tokens=stats.completion_tokens,
+                        completion_tokens=stats.usage_completion_tokens,
                     ),
                     timing=common_pb2.Timing(
                         ttfb_ms=1000 * (first - self.started_at),
@@ -231,7 +284,7 @@ class Generation:
             self.chunks_sent,
             stats.prompt_tokens,
             stats.cached_prompt_tokens,
-            stats.completion_tokens,
+            stats.usage_completion_tokens,
         )
 
     def _end_span(self, first: float, now: float) -> None:
@@ -243,7 +296,7 @@ class Generation:
                 names.ATTR_TTFB_MS: ttfb_ms,
                 names.GEN_AI_USAGE_INPUT_TOKENS: stats.prompt_tokens,
                 names.GEN_AI_USAGE_CACHED_INPUT_TOKENS: stats.cached_prompt_tokens,
-                names.GEN_AI_USAGE_OUTPUT_TOKENS: stats.completion_tokens,
+                names.GEN_AI_USAGE_OUTPUT_TOKENS: stats.usage_completion_tokens,
                 names.GEN_AI_FINISH_REASONS: [stats.finish_reason.value],
             }
         )

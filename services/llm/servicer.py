@@ -23,17 +23,12 @@ log = logging.getLogger(__name__)
 _RUN_AHEAD_CHUNKS = 4
 
 
-class LlmService(MeshService, llm_pb2_grpc.LlmServiceServicer):
+class LlmService(MeshService[LlmSettings, LlmBackend], llm_pb2_grpc.LlmServiceServicer):
     """Serves GenerateChunks with one backend shared by all calls."""
 
     service_name = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
     telemetry_name = "nemotron-llm"
-    backend: LlmBackend
     add_to_server = staticmethod(llm_pb2_grpc.add_LlmServiceServicer_to_server)
-
-    def __init__(self, settings: LlmSettings, backend: LlmBackend) -> None:
-        super().__init__(settings, backend)
-        self.llm_settings = settings
 
     @rpc_errors
     async def GenerateChunks(
@@ -48,13 +43,13 @@ class LlmService(MeshService, llm_pb2_grpc.LlmServiceServicer):
             kind = first.WhichOneof("request")
             if kind != "start":
                 raise first_request_required("start", kind, "continue_generation or cancel")
-            request = generation_request(first.start, self.llm_settings)
+            request = generation_request(first.start, self.settings)
             generation = Generation(
                 self.backend,
                 request,
                 chunk_policy(first.start.chunking),
                 first.start.chunking.wait_for_continue,
-                self.llm_settings.continue_timeout_s,
+                self.settings.continue_timeout_s,
                 duplex,
                 self.telemetry,
                 first.start.trace_context,

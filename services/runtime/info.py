@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import grpc
 
@@ -24,7 +25,7 @@ def package_version() -> str:
 class ServerInfoServicer(info_pb2_grpc.ServerInfoServiceServicer):
     """Answers GetServerInfo from the hosted service's live state."""
 
-    def __init__(self, service: MeshService) -> None:
+    def __init__(self, service: MeshService[Any, Any]) -> None:
         self.service = service
         self.started = time.monotonic()
         self.version = package_version()

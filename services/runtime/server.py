@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +31,7 @@ class MeshServer:
     cancels them.
     """
 
-    def __init__(self, service: MeshService) -> None:
+    def __init__(self, service: MeshService[Any, Any]) -> None:
         self.service = service
         self.settings = service.settings
         self.health = health.aio.HealthServicer()

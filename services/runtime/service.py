@@ -5,41 +5,27 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 
+from services.runtime.backend import Backend
 from services.runtime.errors import Unavailable
 from services.runtime.limits import StreamLimiter
 from services.runtime.settings import ServerSettings
 from services.runtime.telemetry import Telemetry
 
-
-class ModelBackend(Protocol):
-    """What every backend offers the runtime, whatever its capability."""
-
-    name: str
-
-    @property
-    def model_name(self) -> str:
-        """Name of the loaded model (never a full path)."""
-        ...
-
-    async def load(self) -> None:
-        """Load and warm up the model."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release the model."""
-        ...
+SettingsT = TypeVar("SettingsT", bound=ServerSettings)
+BackendT = TypeVar("BackendT", bound=Backend[Any])
 
 
-class MeshService(ABC):
+class MeshService(ABC, Generic[SettingsT, BackendT]):
     """One gRPC service backed by one model backend, hosted by `MeshServer`.
 
-    Subclasses name their generated `add_..._to_server` function and wrap each stream in
-    `admit()`; the backend is loaded in `load` (the health service reports NOT_SERVING until it
-    returns) and released in `aclose`.
+    Typed by its settings and its backend (`MeshService[AsrSettings, AsrBackend]`), so that a
+    servicer reads its own settings' fields from `self.settings`. Subclasses name their generated
+    `add_..._to_server` function and wrap each stream in `admit()`; the backend is loaded in
+    `load` (the health service reports NOT_SERVING until it returns) and released in `aclose`.
     """
 
     #: Fully qualified gRPC service name, e.g. "nemotron.speech.v1.AsrService".
@@ -47,12 +33,10 @@ class MeshService(ABC):
     #: Default OpenTelemetry service name (OTEL_SERVICE_NAME overrides it), e.g. "nemotron-asr".
     telemetry_name: ClassVar[str] = "nemotron-speech"
 
-    #: The model engine.
-    backend: ModelBackend
     #: The generated function that adds this servicer to a server.
     add_to_server: Callable[[Any, grpc.aio.Server], None]
 
-    def __init__(self, settings: ServerSettings, backend: ModelBackend) -> None:
+    def __init__(self, settings: SettingsT, backend: BackendT) -> None:
         self.settings = settings
         self.backend = backend
         self.limiter = StreamLimiter(settings.max_streams)

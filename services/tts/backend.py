@@ -7,13 +7,13 @@ cancellation (by closing the backend's generator), and timings.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Self
 
 from services.runtime.audio import FloatAudio
+from services.runtime.backend import Backend
 from services.tts.settings import TtsSettings
 
 
@@ -43,36 +43,17 @@ class SynthesisJob:
     mode: SynthesisMode
 
 
-class TtsBackend(ABC):
+class TtsBackend(Backend[TtsSettings]):
     """A speech synthesis engine.
 
     Implement `voices`, `model_name` and `synthesize`. Blocking inference must run off the event
     loop. Several streams call `synthesize` concurrently: keep no per-stream state on the backend.
     """
 
-    #: Registry name, e.g. "piper".
-    name: str = ""
-
-    @property
-    @abstractmethod
-    def model_name(self) -> str:
-        """Name of the loaded model, reported in `stream_created`."""
-
     @property
     @abstractmethod
     def voices(self) -> Sequence[Voice]:
         """The voices offered; the first is the default."""
-
-    @classmethod
-    def from_settings(cls, settings: TtsSettings) -> Self:
-        """Build the backend from the server's settings; loading happens later, in `load`."""
-        return cls()
-
-    async def load(self) -> None:  # noqa: B027  (optional hook)
-        """Load and warm up the model (health reports NOT_SERVING until this returns)."""
-
-    async def aclose(self) -> None:  # noqa: B027  (optional hook)
-        """Release the model."""
 
     @abstractmethod
     def synthesize(self, job: SynthesisJob) -> AsyncGenerator[FloatAudio, None]:

@@ -33,17 +33,12 @@ _ACCEPTED_ENCODINGS = (
 _RESPONSE_QUEUE_SIZE = 16
 
 
-class TtsService(MeshService, tts_pb2_grpc.TtsServiceServicer):
+class TtsService(MeshService[TtsSettings, TtsBackend], tts_pb2_grpc.TtsServiceServicer):
     """Serves Synthesize and ListVoices with one backend shared by all calls."""
 
     service_name = tts_pb2.DESCRIPTOR.services_by_name["TtsService"].full_name
     telemetry_name = "nemotron-tts"
-    backend: TtsBackend
     add_to_server = staticmethod(tts_pb2_grpc.add_TtsServiceServicer_to_server)
-
-    def __init__(self, settings: TtsSettings, backend: TtsBackend) -> None:
-        super().__init__(settings, backend)
-        self.tts_settings = settings
 
     @rpc_errors
     async def Synthesize(
@@ -56,7 +51,7 @@ class TtsService(MeshService, tts_pb2_grpc.TtsServiceServicer):
             if first is None:
                 return
             session = SynthesisSession(
-                self.backend, self.tts_settings, self._configure(first), duplex, self.telemetry
+                self.backend, self.settings, self._configure(first), duplex, self.telemetry
             )
             duplex.spawn(session.read(requests), name="tts-reader")
             duplex.spawn(session.speak(), name="tts-worker")

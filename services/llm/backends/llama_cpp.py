@@ -33,11 +33,14 @@ from typing import Self
 
 from services.llm.backend import (
     ChatTurn,
+    Finished,
     FinishReason,
+    GenerationEvent,
     GenerationRequest,
-    GenerationStats,
     LlmBackend,
+    PromptUsage,
     Sampling,
+    TokenText,
 )
 from services.llm.context import fit_to_window, generation_reserve
 from services.llm.settings import LlmSettings
@@ -240,7 +243,7 @@ class LlamaCppLlmBackend(LlmBackend):
         )
         log.info("llama_cpp memory: %s", self.memory.describe())
         warmup = await asyncio.to_thread(self.encode, WARMUP)
-        async for _text in self._decode(0, warmup, Sampling(temperature=0.0, max_tokens=2)):
+        async for _event in self._decode(0, warmup, Sampling(temperature=0.0, max_tokens=2)):
             pass
 
     def encode(self, messages: tuple[ChatTurn, ...]) -> list[int]:
@@ -260,9 +263,7 @@ class LlamaCppLlmBackend(LlmBackend):
             self.model.close()
             self.model = None
 
-    async def generate(
-        self, request: GenerationRequest, stats: GenerationStats
-    ) -> AsyncGenerator[str, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Fit the prompt to the window, hold a sequence, and decode it batched with others."""
         if self.model is None or self.pool is None:
             raise Unavailable("the llama_cpp model is not loaded")
@@ -276,50 +277,41 @@ class LlamaCppLlmBackend(LlmBackend):
                 request.request_id or "-",
                 fitted.dropped_turns,
             )
-        stats.prompt_tokens = len(fitted.tokens)
         score = partial(
             _Sequence.affinity, prompt=fitted.tokens, conversation_id=request.conversation_id
         )
         async with self.pool.acquire(score) as sequence:
             sequence.conversation_id = request.conversation_id
-            tokens = self._decode(sequence.seq_id, fitted.tokens, request.sampling, stats)
+            events = self._decode(sequence.seq_id, fitted.tokens, request.sampling)
             try:
-                async for text in tokens:
-                    yield text
+                async for event in events:
+                    yield event
             finally:
-                await tokens.aclose()
+                await events.aclose()
 
     async def _decode(
-        self,
-        seq_id: int,
-        prompt: Sequence[int],
-        sampling: Sampling,
-        stats: GenerationStats | None = None,
-    ) -> AsyncGenerator[str, None]:
+        self, seq_id: int, prompt: Sequence[int], sampling: Sampling
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Decode on `seq_id`, one batched step per token; closing this stops at once."""
         assert self.engine is not None and self.model is not None
-        stats = stats or GenerationStats()
         decoding = _Decoding(self.model, len(prompt), sampling, self.window)
         try:
-            stats.cached_prompt_tokens = await self.engine.begin(seq_id, prompt, sampling)
-            while True:
-                if decoding.at_limit:
-                    stats.finish_reason = FinishReason.LENGTH
-                    break
+            cached = await self.engine.begin(seq_id, prompt, sampling)
+            yield PromptUsage(len(prompt), cached)
+            reason = FinishReason.LENGTH
+            while not decoding.at_limit:
                 token = await self.engine.next_token(seq_id)
                 if self.model.is_end_of_generation(token):
-                    stats.finish_reason = FinishReason.STOP
+                    reason = FinishReason.STOP
                     break
-                stats.token_generated()
-                text = decoding.text(token)
-                if text:
-                    yield text
+                yield TokenText(decoding.text(token))
                 if decoding.stops.stopped:
-                    stats.finish_reason = FinishReason.STOP
+                    reason = FinishReason.STOP
                     break
             rest = decoding.rest()
             if rest:
-                yield rest
+                yield TokenText(rest, tokens=0)
+            yield Finished(reason)
         finally:
             # Leaves the batch now; queued on the engine thread behind the step in flight.
             self.engine.end(seq_id)

@@ -26,11 +26,14 @@ from typing import Any, Self
 import httpx
 
 from services.llm.backend import (
+    Finished,
     FinishReason,
+    GenerationEvent,
     GenerationRequest,
-    GenerationStats,
     LlmBackend,
+    PromptUsage,
     Sampling,
+    TokenText,
 )
 from services.llm.settings import LlmSettings
 from services.runtime.errors import (
@@ -132,9 +135,7 @@ class OpenAIUpstreamLlmBackend(LlmBackend):
         log.info("upstream model: %s", self.model)
         return self.model
 
-    async def generate(
-        self, request: GenerationRequest, stats: GenerationStats
-    ) -> AsyncGenerator[str, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the completion; closing this generator closes the upstream stream."""
         body = request_body(await self._resolve_model(), request)
         try:
@@ -150,8 +151,8 @@ class OpenAIUpstreamLlmBackend(LlmBackend):
                     if event is DONE:
                         finished = True
                         break
-                    for text in apply_event(event, stats):
-                        yield text
+                    for item in events_of(event):
+                        yield item
                     finished = finished or finish_reason_of(event) is not None
                 if not finished:
                     # llama_cpp.server, for one, ends the stream silently on a prompt over
@@ -225,32 +226,37 @@ def parse_event(line: str) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def apply_event(event: Mapping[str, Any], stats: GenerationStats) -> list[str]:
-    """The texts an event carries (one token each), recording finish reason and usage."""
+def events_of(event: Mapping[str, Any]) -> list[GenerationEvent]:
+    """What one server-sent event carries: token texts (one token each), finish, usage."""
     if "error" in event:
         error = event["error"]
         message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
         code = error.get("code") if isinstance(error, dict) else None
         raise status_error(code if isinstance(code, int) else 500, message)
-    texts = []
+    items: list[GenerationEvent] = []
     for choice in event.get("choices") or []:
         text = (choice.get("delta") or {}).get("content")
         if text:
-            stats.token_generated()
-            texts.append(text)
-        if choice.get("finish_reason") == "length":
-            stats.finish_reason = FinishReason.LENGTH
+            items.append(TokenText(text))
+        reason = choice.get("finish_reason")
+        if reason:
+            items.append(Finished(FinishReason.LENGTH if reason == "length" else FinishReason.STOP))
     usage = event.get("usage")
-    if usage:
-        stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        stats.completion_tokens = int(usage.get("completion_tokens") or stats.completion_tokens)
-        details = usage.get("prompt_tokens_details") or {}
-        if details.get("cached_tokens") is not None:
-            stats.cached_prompt_tokens = int(details["cached_tokens"])
     timings = event.get("timings")
-    if isinstance(timings, dict) and "cache_n" in timings and not stats.cached_prompt_tokens:
-        stats.cached_prompt_tokens = int(timings["cache_n"])  # llama-server's own report
-    return texts
+    if usage:
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens")
+        if cached is None and isinstance(timings, dict):
+            cached = timings.get("cache_n")  # llama-server's own report
+        completion = usage.get("completion_tokens")
+        items.append(
+            PromptUsage(
+                int(usage.get("prompt_tokens") or 0),
+                int(cached or 0),
+                int(completion) if completion is not None else None,
+            )
+        )
+    return items
 
 
 def finish_reason_of(event: Mapping[str, Any]) -> str | None:

@@ -17,11 +17,14 @@ from typing import Any, Self
 
 from services.llm.backend import (
     ChatTurn,
+    Finished,
     FinishReason,
+    GenerationEvent,
     GenerationRequest,
-    GenerationStats,
     LlmBackend,
+    PromptUsage,
     Sampling,
+    TokenText,
 )
 from services.llm.context import fit_to_window, generation_reserve
 from services.llm.settings import LlmSettings
@@ -57,16 +60,23 @@ def finish_reason(reason: str | None) -> FinishReason:
     return FinishReason.STOP
 
 
-def record_output(output: Any, stats: GenerationStats) -> str:
-    """Fold one delta `RequestOutput` into `stats`; returns its new text."""
+def output_events(output: Any, prompt_tokens: int) -> list[GenerationEvent]:
+    """What one delta `RequestOutput` carries: its new tokens' text, the prompt cache, the end."""
+    events: list[GenerationEvent] = []
     if output.num_cached_tokens is not None:
-        stats.cached_prompt_tokens = int(output.num_cached_tokens)
+        events.append(PromptUsage(prompt_tokens, int(output.num_cached_tokens)))
     completion = output.outputs[0]
-    for _token in completion.token_ids:
-        stats.token_generated()
+    if completion.token_ids or completion.text:
+        events.append(TokenText(str(completion.text), len(completion.token_ids)))
     if completion.finish_reason is not None:
-        stats.finish_reason = finish_reason(completion.finish_reason)
-    return str(completion.text)
+        events.append(Finished(finish_reason(completion.finish_reason)))
+    return events
+
+
+def _shut_down_built_engine(build: asyncio.Future[Any]) -> None:
+    """Shut down an engine whose load was cancelled while it was being built."""
+    if not build.cancelled() and build.exception() is None:
+        build.result().shutdown()
 
 
 class VllmLlmBackend(LlmBackend):
@@ -103,7 +113,12 @@ class VllmLlmBackend(LlmBackend):
         return self.model.rstrip("/").rsplit("/", 1)[-1]
 
     async def load(self) -> None:
-        """Start the engine (this loads weights and profiles memory), then warm it up."""
+        """Start the engine (this loads weights and profiles memory), then warm it up.
+
+        Building the engine blocks until its engine process reports ready, which takes as long as
+        loading the weights, so it runs in a thread: meanwhile the event loop goes on serving
+        (the health service answers NOT_SERVING) and a shutdown can cancel the load.
+        """
         try:
             from vllm import (  # type: ignore[import-not-found, unused-ignore]
                 AsyncEngineArgs,
@@ -118,12 +133,19 @@ class VllmLlmBackend(LlmBackend):
             gpu_memory_utilization=self.gpu_memory_utilization,
             **({"max_model_len": self.context_window} if self.context_window else {}),
         )
-        self._engine = AsyncLLMEngine.from_engine_args(args)
+        # vLLM supports this off the loop: it starts its output handler at the first request.
+        build = asyncio.ensure_future(asyncio.to_thread(AsyncLLMEngine.from_engine_args, args))
+        try:
+            self._engine = await asyncio.shield(build)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: shut the engine down once it exists, not leak it.
+            build.add_done_callback(_shut_down_built_engine)
+            raise
         self._sampling_params = SamplingParams
         self._tokenizer = await self._engine.get_tokenizer()
         self.window = int(self._engine.model_config.max_model_len)
         warmup = GenerationRequest("warmup", (ChatTurn("user", "Hi"),), Sampling(max_tokens=2))
-        async for _text in self.generate(warmup, GenerationStats()):
+        async for _event in self.generate(warmup):
             pass
 
     async def aclose(self) -> None:
@@ -141,9 +163,7 @@ class VllmLlmBackend(LlmBackend):
         )
         return tokens
 
-    async def generate(
-        self, request: GenerationRequest, stats: GenerationStats
-    ) -> AsyncGenerator[str, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream deltas from the engine; closing this aborts the request."""
         if self._engine is None:
             raise Unavailable("the vLLM engine is not loaded")
@@ -155,7 +175,8 @@ class VllmLlmBackend(LlmBackend):
         fitted = await asyncio.to_thread(
             fit_to_window, request.messages, self.encode, self.window - reserve
         )
-        stats.prompt_tokens = len(fitted.tokens)
+        prompt_tokens = len(fitted.tokens)
+        yield PromptUsage(prompt_tokens)
         params = self._sampling_params(
             **sampling_kwargs(request.sampling), output_kind=RequestOutputKind.DELTA
         )
@@ -165,9 +186,8 @@ class VllmLlmBackend(LlmBackend):
         )
         try:
             async for output in outputs:
-                text = record_output(output, stats)
-                if text:
-                    yield text
+                for event in output_events(output, prompt_tokens):
+                    yield event
         finally:
             await outputs.aclose()
             await self._engine.abort(request_id)  # a no-op once finished
