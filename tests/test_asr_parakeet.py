@@ -11,7 +11,9 @@ own cache-aware streaming loop. The labels are single characters, so equal text 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from services.asr.backend import (
 from services.asr.servicer import AsrService
 from services.asr.settings import AsrSettings
 from services.runtime.audio import float_to_pcm16
+from services.runtime.errors import Unavailable
 from services.runtime.streams import StreamQueue
 from tests.conftest import channel_to, running
 from tests.helpers import frames, read_all
@@ -39,8 +42,10 @@ pytest.importorskip("nemo.collections.asr")
 import torch
 from omegaconf import OmegaConf
 
+from services.asr.backends import parakeet_batcher
 from services.asr.backends.parakeet import ParakeetAsrBackend
-from services.asr.backends.parakeet_stream import IncrementalFeatures
+from services.asr.backends.parakeet_batcher import Step, StepBatcher
+from services.asr.backends.parakeet_stream import Chunk, IncrementalFeatures
 
 pytestmark = [
     pytest.mark.nemo,
@@ -297,13 +302,14 @@ async def test_concurrent_streams_are_batched_and_each_gets_its_own_tokens(tiny_
         clips = [audio_of(seed, 1.0 + 0.4 * seed) for seed in range(3, 7)]
         alone = [(await recognize(backend, clip, piece=320))[0].text for clip in clips]
         batches: list[int] = []
-        forward = backend._forward
+        assert backend._batcher is not None
+        forward = backend._batcher.forward
 
         def counting(group: list[Any]) -> None:
             batches.append(len(group))
             forward(group)
 
-        backend._forward = counting  # type: ignore[method-assign]
+        backend._batcher.forward = counting
         together = await asyncio.gather(*(recognize(backend, clip, piece=320) for clip in clips))
         assert [answers[0].text for answers in together] == alone
         assert alone == [reference_text(tiny_model, clip, 1) for clip in clips]
@@ -350,3 +356,85 @@ async def test_over_grpc_each_finalize_gets_the_reference_text(tiny_model, nemo_
     finals = [r.transcript for r in responses[1:] if r.transcript.is_final]
     assert [t.utterance_id for t in finals] == ["u1", "u2"]
     assert [t.text for t in finals] == [reference_text(tiny_model, a, 1) for a in (first, second)]
+
+
+@pytest.mark.timeout(120)
+async def test_features_are_computed_on_the_model_thread_not_the_event_loop(
+    tiny_model, monkeypatch
+):
+    threads: set[str] = set()
+    for name in ("push", "finish"):
+        method = getattr(IncrementalFeatures, name)
+
+        def recording(self: Any, *args: Any, _method: Any = method) -> Any:
+            threads.add(threading.current_thread().name)
+            return _method(self, *args)
+
+        monkeypatch.setattr(IncrementalFeatures, name, recording)
+    backend = await loaded(tiny_model, 1)
+    try:
+        audio = audio_of(14, 1.2)
+        (final,) = await recognize(backend, audio, piece=320)
+        assert final.text == offline_text(tiny_model, audio, 1)
+    finally:
+        await backend.aclose()
+    assert threads and all(name.startswith("nemo") for name in threads), threads
+
+
+class _BlockedForward:
+    """A forward pass that holds the model thread until released; counts what it ran."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.groups: list[int] = []
+
+    def __call__(self, group: list[Step[list[int]]]) -> None:
+        self.entered.set()
+        assert self.release.wait(30)
+        self.groups.append(len(group))
+        for step in group:
+            step.state.append(len(self.groups))
+
+
+async def _blocked_batcher(
+    monkeypatch: pytest.MonkeyPatch, streams: int
+) -> tuple[StepBatcher[list[int]], _BlockedForward, list[list[int]], list[asyncio.Task[None]]]:
+    """A batcher of 2 steps a pass, room for 2 queued, its first pass held: the queue fills."""
+    monkeypatch.setattr(parakeet_batcher, "QUEUED_BATCHES", 1)
+    forward = _BlockedForward()
+    batcher = StepBatcher(forward, ThreadPoolExecutor(1), max_batch=2)
+    batcher.start()
+    states: list[list[int]] = [[] for _ in range(streams)]
+    chunk = Chunk(torch.zeros((80, 9)), 9, first=False)
+    tasks = [asyncio.create_task(batcher.step(state, chunk)) for state in states]
+    assert await asyncio.to_thread(forward.entered.wait, 10)
+    for _ in range(10):  # let every stream get as far as it can
+        await asyncio.sleep(0)
+    return batcher, forward, states, tasks
+
+
+async def test_a_full_step_queue_holds_streams_back_without_dropping_steps(monkeypatch):
+    batcher, forward, states, tasks = await _blocked_batcher(monkeypatch, streams=6)
+    try:
+        assert batcher._steps.full(), "two steps in the pass, two queued, two waiting for room"
+        assert not any(task.done() for task in tasks)
+        forward.release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert forward.groups == [2, 2, 2]
+        assert all(len(state) == 1 for state in states), "every step ran exactly once"
+    finally:
+        forward.release.set()
+        await batcher.aclose()
+        batcher.executor.shutdown()
+
+
+async def test_closing_the_batcher_fails_waiting_streams_instead_of_hanging(monkeypatch):
+    batcher, forward, _, tasks = await _blocked_batcher(monkeypatch, streams=6)
+    try:
+        await batcher.aclose()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        assert all(isinstance(result, Unavailable) for result in results), results
+    finally:
+        forward.release.set()
+        batcher.executor.shutdown()

@@ -35,7 +35,9 @@ pytestmark = [
 import torch  # noqa: E402  (after the importorskip)
 
 from nemotron.speech.v1 import tts_pb2, tts_pb2_grpc  # noqa: E402
+from services.runtime.errors import ResourceExhausted  # noqa: E402
 from services.tts.backend import SynthesisJob, SynthesisMode  # noqa: E402
+from services.tts.backends import magpie as magpie_module  # noqa: E402
 from services.tts.backends.magpie import (  # noqa: E402
     CONTEXT_FRAMES,
     MIN_DECODE_FRAMES,
@@ -463,3 +465,56 @@ async def test_tiny_magpie_over_grpc_with_ids_rates_and_cancel(tiny_magpie):
             complete = next(r.segment_complete for r in rest if r.HasField("segment_complete"))
             assert complete.audio_ms == pytest.approx(1000 * seconds, abs=1)
             assert rest[-1].WhichOneof("response") == "done"
+
+
+async def test_tiny_magpie_a_reader_that_falls_behind_holds_generation_back_and_loses_nothing(
+    magpie, monkeypatch
+):
+    monkeypatch.setattr(magpie_module, "AUDIO_QUEUE_CHUNKS", 1)
+    steps, finished = count_frames(magpie, at=TINY_STEPS)
+    generator = magpie.synthesize(job(magpie, SynthesisMode.STREAM))
+    chunks = [await anext(generator)]
+    # Unbounded, the GPU thread would run on to the end; held back, it waits for the reader
+    # (a chunk queued, one waiting for room: about 12 of the 24 frames).
+    assert not await asyncio.to_thread(finished.wait, 1.0)
+    assert steps[0] < TINY_STEPS
+    chunks += [chunk async for chunk in generator]
+    assert sum(chunk.size for chunk in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
+
+
+async def test_tiny_magpie_closing_a_stream_whose_queue_is_full_frees_the_gpu_thread(
+    magpie, monkeypatch
+):
+    monkeypatch.setattr(magpie_module, "AUDIO_QUEUE_CHUNKS", 1)
+    magpie._model.inference_parameters.max_decoder_steps = 400
+    steps, far = count_frames(magpie, at=40)
+    generator = magpie.synthesize(job(magpie, SynthesisMode.STREAM))
+    assert (await anext(generator)).size > 0
+    assert not await asyncio.to_thread(far.wait, 1.0), "the GPU thread waits for the reader"
+    await generator.aclose()
+    await asyncio.wait_for(gpu_idle(magpie), 10)  # no deadlock: the waiting put gave up
+    assert steps[0] < 40
+    magpie._model.inference_parameters.max_decoder_steps = TINY_STEPS
+    chunks = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.STREAM))]
+    assert sum(c.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
+
+
+async def test_tiny_magpie_a_reader_that_stops_reading_loses_its_stream_not_the_gpu_thread(
+    magpie, monkeypatch
+):
+    monkeypatch.setattr(magpie_module, "AUDIO_QUEUE_CHUNKS", 1)
+    monkeypatch.setattr(magpie_module, "READER_STALL_S", 0.3)
+    magpie._model.inference_parameters.max_decoder_steps = 400
+    steps, _far = count_frames(magpie, at=40)
+    stalled = magpie.synthesize(job(magpie, SynthesisMode.STREAM))
+    assert (await anext(stalled)).size > 0
+    # The reader stops; after READER_STALL_S the GPU thread gives its synthesis up and is free.
+    await asyncio.wait_for(gpu_idle(magpie), 10)
+    assert steps[0] < 40
+    magpie._model.inference_parameters.max_decoder_steps = TINY_STEPS
+    chunks = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.STREAM))]
+    assert sum(c.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
+    # The stalled stream, when it reads again, learns why it ended.
+    with pytest.raises(ResourceExhausted, match="stopped"):
+        async for _chunk in stalled:
+            pass

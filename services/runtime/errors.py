@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -21,16 +21,10 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-log = logging.getLogger(__name__)
+# Codes a client may retry with backoff: the clients' own list, so both sides agree.
+from clients.retry import RETRYABLE_CODES
 
-# Codes a client may retry with backoff (see bots/ and loadtest/).
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    }
-)
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -135,18 +129,24 @@ def rpc_errors(method: Method) -> Method:
 
     `ServiceError` aborts with its own status. `asyncio.CancelledError` (client gone, server
     stopping) propagates untouched, as does an abort already under way. Any other exception is
-    logged with its traceback and becomes INTERNAL.
+    logged with its traceback and becomes INTERNAL. When the call ends early (the client went
+    away while the method waited at a `yield`), closing the wrapper closes the method too, so
+    its `finally` runs then rather than whenever the garbage collector gets to it.
     """
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        responses = method(self, request, context)
         try:
-            async for response in method(self, request, context):
+            async for response in responses:
                 yield response
         except grpc.aio.AbortError:
             raise
         except Exception as err:
             await abort_for(context, err, method.__qualname__)
+        finally:
+            if isinstance(responses, AsyncGenerator):
+                await responses.aclose()
 
     return wrapper  # type: ignore[return-value]
 

@@ -8,8 +8,11 @@ serialises streams behind one lock:
 - features are computed incrementally (`IncrementalFeatures`), exactly as the offline pass
   computes them, and a stream keeps only what its next step needs (memory per utterance is
   bounded by the caches, one chunk and the hypothesis);
-- one batcher task gathers the ready chunks of all streams and runs them as one forward pass
-  (streams at the same kind of step share a batch; their caches are stacked and split again).
+- one batcher (`StepBatcher`) gathers the ready chunks of all streams and runs them as one
+  forward pass (streams at the same kind of step share a batch; their caches are stacked and
+  split again);
+- everything that touches torch (features, chunking, forward passes) runs on the model's one
+  thread, never on the event loop.
 
 At finalize the utterance is padded with (right_context + 1) shift frames of silence so that
 its last words get their right context, flushed, and its text answered; a soft finalize answers
@@ -20,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from services.asr.backend import (
     AsrBackend,
@@ -50,12 +53,16 @@ except ImportError as err:
         "the nemo backend needs torch and NeMo: pip install 'nemotron-speech-mesh[nemo]'"
     ) from err
 
+from services.asr.backends.parakeet_batcher import Step, StepBatcher
 from services.asr.backends.parakeet_stream import Chunk, ChunkCursor, IncrementalFeatures
+from services.runtime.audio import FloatAudio
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "nvidia/nemotron-speech-streaming-en-0.6b"
 ENCODER_FRAME_S = 0.08
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,13 +75,6 @@ class StreamState:
     hypothesis: Any = None  # NeMo's RNNT Hypothesis, carried into the next step
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Step:
-    state: StreamState
-    chunk: Chunk
-    done: asyncio.Future[None]
 
 
 class ParakeetAsrBackend(AsrBackend):
@@ -97,8 +97,7 @@ class ParakeetAsrBackend(AsrBackend):
         )
         self.max_batch = max_batch
         self.model: Any = asr_model  # a loaded model may be handed in (tests build tiny ones)
-        self._steps: asyncio.Queue[_Step] | None = None
-        self._batcher: asyncio.Task[None] | None = None
+        self._batcher: StepBatcher[StreamState] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -125,10 +124,9 @@ class ParakeetAsrBackend(AsrBackend):
     async def load(self) -> None:
         """Load (or adopt) the model, set its attention context, and warm it up."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemo")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._prepare)
-        self._steps = asyncio.Queue()
-        self._batcher = asyncio.create_task(self._run_batches(), name="nemo-batcher")
+        await self._on_model_thread(self._prepare)
+        self._batcher = StepBatcher(self._forward, self._executor, self.max_batch)
+        self._batcher.start()
         events: StreamQueue[RecognizerEvent] = StreamQueue(2)
         await events.put(AudioEvent(silence(0.5, self.sample_rate_hz)))
         await events.put(FinalizeEvent("warm-up", FinalizeKind.FINALIZE))
@@ -142,8 +140,7 @@ class ParakeetAsrBackend(AsrBackend):
     async def aclose(self) -> None:
         """Stop the batcher and release the model."""
         if self._batcher is not None:
-            self._batcher.cancel()
-            await asyncio.wait({self._batcher})
+            await self._batcher.aclose()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self.model = None
@@ -159,7 +156,7 @@ class ParakeetAsrBackend(AsrBackend):
     ) -> AsyncGenerator[Hypothesis, None]:
         features = IncrementalFeatures(self.model.preprocessor, self.device)
         cursor = self.new_cursor()
-        state = self.new_state()
+        state = await self._on_model_thread(self.new_state)
         samples = 0
         padding = silence(
             ENCODER_FRAME_S * (self.right_context + 1), self.sample_rate_hz
@@ -167,7 +164,8 @@ class ParakeetAsrBackend(AsrBackend):
         async for event in events:
             if isinstance(event, AudioEvent):
                 samples += event.samples.size
-                for chunk in cursor.push(features.push(event.samples)):
+                chunks = await self._on_model_thread(_push, features, cursor, event.samples)
+                for chunk in chunks:
                     await self.step(state, chunk)
                 if options.interim_results:
                     yield Hypothesis(
@@ -177,12 +175,11 @@ class ParakeetAsrBackend(AsrBackend):
             assert isinstance(event, FinalizeEvent)
             audio_ms = 1000 * samples / self.sample_rate_hz
             if not event.soft:
-                tail = torch.cat([features.push(padding), features.finish()], dim=-1)
-                for chunk in cursor.finish(tail):
+                for chunk in await self._on_model_thread(_finish, features, cursor, padding):
                     await self.step(state, chunk)
             yield Hypothesis(state.text, audio_ms, answers=event, stability=0.5)
             if not event.soft:
-                state = self.new_state()
+                state = await self._on_model_thread(self.new_state)
                 samples = 0
 
     def new_state(self) -> StreamState:
@@ -197,38 +194,17 @@ class ParakeetAsrBackend(AsrBackend):
 
     async def step(self, state: StreamState, chunk: Chunk) -> None:
         """Run one chunk of one stream (batched with other streams' chunks)."""
-        assert self._steps is not None
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._steps.put(_Step(state, chunk, done))
-        await done
+        assert self._batcher is not None, "load() first"
+        await self._batcher.step(state, chunk)
 
-    # ---- the batcher ---------------------------------------------------------------------
+    async def _on_model_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """Run blocking torch work on the model's thread (in turn with the forward passes)."""
+        assert self._executor is not None, "load() first"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
-    async def _run_batches(self) -> None:
-        assert self._steps is not None and self._executor is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            steps = [await self._steps.get()]
-            while len(steps) < self.max_batch and not self._steps.empty():
-                steps.append(self._steps.get_nowait())
-            steps = [s for s in steps if not s.done.cancelled()]
-            groups: dict[tuple[bool, bool, int], list[_Step]] = {}
-            for s in steps:
-                key = (s.chunk.first, s.chunk.last, s.chunk.length)
-                groups.setdefault(key, []).append(s)
-            for group in groups.values():
-                try:
-                    await loop.run_in_executor(self._executor, self._forward, group)
-                except Exception as err:  # a failed batch fails its streams, not the batcher
-                    for s in group:
-                        if not s.done.done():
-                            s.done.set_exception(err)
-                    continue
-                for s in group:
-                    if not s.done.done():
-                        s.done.set_result(None)
+    # ---- the forward pass ----------------------------------------------------------------
 
-    def _forward(self, group: list[_Step]) -> None:
+    def _forward(self, group: list[Step[StreamState]]) -> None:
         """Blocking: one conformer_stream_step over the group's chunks; updates their states."""
         model = self.model
         first = group[0].chunk.first
@@ -284,6 +260,17 @@ class ParakeetAsrBackend(AsrBackend):
             log.warning("the model normalizes features per utterance; streaming will differ")
         if model.cfg.decoding.strategy != "greedy_batch":
             model.change_decoding_strategy(_greedy_decoding(model))
+
+
+def _push(features: IncrementalFeatures, cursor: ChunkCursor, samples: FloatAudio) -> list[Chunk]:
+    """Blocking: the chunks that `samples` complete."""
+    return cursor.push(features.push(samples))
+
+
+def _finish(features: IncrementalFeatures, cursor: ChunkCursor, padding: FloatAudio) -> list[Chunk]:
+    """Blocking: every remaining chunk of the utterance, after the finalize padding."""
+    tail = torch.cat([features.push(padding), features.finish()], dim=-1)
+    return cursor.finish(tail)
 
 
 def _restore(ref: str, device: torch.device) -> Any:

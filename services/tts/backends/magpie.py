@@ -28,6 +28,7 @@ from typing import Any, Self
 import numpy as np
 
 from services.runtime.audio import FloatAudio
+from services.runtime.errors import ResourceExhausted
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
 from services.tts.settings import TtsSettings
 
@@ -56,6 +57,18 @@ OVERLAP_FRAMES = 1
 #: Fewest frames the codec decodes: its decoder's first convolution pads 3 frames each side
 #: (NeMo's `min_generated_frames` of 4 "lines up with the codec's minimum frame requirement").
 MIN_DECODE_FRAMES = 4
+#: STREAM mode: audio chunks a synthesis may run ahead of its reader. At the default 4 frames
+#: (186 ms) a chunk that is about 12 s of audio, 1 MB: a reader that is sending to its client
+#: never fills it, so the GPU thread (which every stream shares) waits only for a reader that
+#: has stopped reading (its client's flow-control window and the session's outbox are full).
+AUDIO_QUEUE_CHUNKS = 64
+#: How long the GPU thread waits for a reader that has fallen `AUDIO_QUEUE_CHUNKS` behind before
+#: it stops that synthesis (RESOURCE_EXHAUSTED for its stream), so that one client that stopped
+#: reading cannot hold up every other stream on the shared thread for longer.
+READER_STALL_S = 5.0
+_STALLED = np.zeros(
+    0, dtype=np.float32
+)  # the end marker of a synthesis stopped for a stalled reader
 
 
 class FrameDecoder:
@@ -229,16 +242,30 @@ class MagpieTtsBackend(TtsBackend):
         if not job.text.strip():
             return
         loop = asyncio.get_running_loop()
-        audio: asyncio.Queue[FloatAudio | None] = asyncio.Queue()
+        room = AUDIO_QUEUE_CHUNKS
+        # One place more than the credits: the stalled-reader marker always fits.
+        audio: asyncio.Queue[FloatAudio | None] = asyncio.Queue(room + 1)
+        # One credit per entry on its way to the reader: the GPU thread takes one before each
+        # put and the reader gives it back after each get, so the thread waits while the reader
+        # is `room` entries behind (back-pressure) and a put never finds the queue full.
+        credits = threading.Semaphore(room)
         speaker = self._speakers.index(job.voice.name)
         language = job.language.split("-")[0].lower()
+        synthesis = _Synthesis(lambda frame: None, 0)
 
-        def deliver(samples: FloatAudio | None) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(audio.put_nowait, samples)
+        def deliver(samples: FloatAudio | None) -> None:  # on the GPU thread
+            if synthesis.cancelled.is_set():
+                return  # the reader has gone; nothing waits for this
+            if not credits.acquire(timeout=READER_STALL_S):
+                synthesis.cancelled.set()  # the generation loop stops at the next frame
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(audio.put_nowait, _STALLED)
+                return
+            if synthesis.cancelled.is_set() or loop.is_closed():
+                return  # it went while this waited for room
+            loop.call_soon_threadsafe(audio.put_nowait, samples)
 
         stream = deliver if job.mode is SynthesisMode.STREAM else None
-        synthesis = _Synthesis(lambda frame: None, 0)
         work = loop.run_in_executor(
             self._gpu, self._generate, job.text, language, speaker, stream, synthesis
         )
@@ -248,13 +275,20 @@ class MagpieTtsBackend(TtsBackend):
                 if whole.size:
                     yield whole
                 return
-            # The queue is bounded by the model's max_decoder_steps: one entry per chunk.
             while (samples := await audio.get()) is not None:
+                if samples is _STALLED:
+                    raise ResourceExhausted(
+                        f"the client read none of {room} audio chunks for {READER_STALL_S:g} s; "
+                        "its synthesis was stopped so that other streams could go on"
+                    )
+                credits.release()
                 if samples.size:
                     yield samples
             await work
         finally:
             synthesis.cancelled.set()  # between frames, the loop ends
+            # A GPU thread waiting for room (or about to) gets it, sees the cancel, goes on.
+            credits.release(room)
 
     def _generate(
         self,
