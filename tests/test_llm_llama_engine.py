@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
+from services.llm.backend import Sampling
 from services.llm.backends import llama_probe
 from services.llm.backends.llama_cpp import default_model_path
 from services.llm.backends.llama_probe import HostUnsupported, choose_extra_buffers
@@ -130,3 +131,83 @@ async def test_forced_choices_and_a_gpu_model_do_not_probe(monkeypatch):
     gpu = await choose_extra_buffers("auto", model, gpu_layers=-1, all_on_gpu=True)
     assert (on.enabled, off.enabled, gpu.enabled) == (True, False, False)
     assert calls == []
+
+
+# ---- the batch engine itself, in process -------------------------------------------------------
+
+
+@pytest.fixture
+async def engine():
+    from services.llm.backends.llama_engine import BatchEngine
+    from services.llm.backends.llama_model import LlamaModel, MemoryReport
+
+    model = LlamaModel(
+        default_model_path(), gpu_layers=0, extra_buffers=False, report=MemoryReport()
+    )
+    engine = BatchEngine(model, sequences=2, window=512, threads=2)
+    await engine.start()
+    yield engine
+    await engine.aclose()
+    model.close()
+
+
+def _prompt(engine, text: str) -> list[int]:
+    chat = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return engine.model.tokenize(chat.encode(), add_special=False, parse_special=True)
+
+
+GREEDY = Sampling(temperature=0.0, max_tokens=64)
+
+
+async def test_a_paused_sequence_does_not_hold_the_other_back(engine):
+    await engine.begin(0, _prompt(engine, "Tell me about the sea."), GREEDY)
+    await engine.begin(1, _prompt(engine, "Tell me about the sky."), GREEDY)
+    await engine.next_token(0)  # sequence 0 got one token and then its reader paused
+    steps_before = engine.steps
+    for _ in range(10):
+        await asyncio.wait_for(engine.next_token(1), 5)
+    assert engine.steps - steps_before >= 10  # sequence 1 went on alone
+    await asyncio.wait_for(engine.next_token(0), 5)  # and 0 picks up where it paused
+    engine.end(0)
+    engine.end(1)
+
+
+async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    import llama_cpp
+
+    from services.llm.backends import llama_engine
+    from services.runtime.errors import Internal
+
+    real_decode = llama_cpp.llama_decode
+    calls = {"n": 0}
+
+    def failing_once(context, batch):
+        calls["n"] += 1
+        return -1 if calls["n"] == 1 else real_decode(context, batch)
+
+    monkeypatch.setattr(llama_engine.llama_cpp, "llama_decode", failing_once)
+    await engine.begin(0, _prompt(engine, "Hello."), GREEDY)
+    with pytest.raises(Internal, match=r"failed to decode|llama_decode"):
+        await engine.next_token(0)
+    engine.end(0)
+    # The sequence's cells were cleared; a new request on it evaluates its prompt from scratch.
+    assert await engine.begin(0, _prompt(engine, "Hello."), GREEDY) == 0
+    assert isinstance(await asyncio.wait_for(engine.next_token(0), 10), int)
+    engine.end(0)
+
+
+async def test_ending_a_request_while_its_prompt_is_read_frees_the_sequence(engine):
+    long_prompt = _prompt(engine, " ".join(["word"] * 400))
+    await engine.begin(0, long_prompt, GREEDY)
+    waiting = asyncio.ensure_future(engine.next_token(0))
+    await asyncio.sleep(0.01)  # the first piece of the prompt is being read
+    waiting.cancel()
+    engine.end(0)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # The next request on the sequence reuses whatever of the prompt reached the cache.
+    short = _prompt(engine, "Hi.")
+    await engine.begin(0, short, GREEDY)
+    assert isinstance(await asyncio.wait_for(engine.next_token(0), 10), int)
+    engine.end(0)
+    assert 0 < len(engine.cached_tokens(0)) <= len(short) + 1
