@@ -184,9 +184,13 @@ class GrpcChunkedLLMService(GrpcCallService[Request, Response]):
         return describe(error)
 
     async def _on_response(self, response: Response) -> bool:
-        if response.HasField("done"):
+        kind = response.WhichOneof("response")
+        if kind == "done":
             await self._report_usage(response.done)
             return True
+        if kind != "chunk":
+            # Reasoning (and any kind a newer server adds) is never spoken: only chunks go to TTS.
+            return False
         chunk = response.chunk
         if chunk.index == 0:
             self._first_chunk_at = time.perf_counter()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
+from services.llm.reasoning import Reasoning
 from services.llm.settings import LlmSettings
 from services.runtime.backend import Backend
 
@@ -55,6 +56,7 @@ class GenerationRequest:
     messages: tuple[ChatTurn, ...]
     sampling: Sampling
     conversation_id: str = ""
+    reasoning: Reasoning = field(default_factory=Reasoning)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,17 @@ class TokenText:
     Usually one token with its text. A token whose text is not complete yet (part of a UTF-8
     character, text a stop string may still claim) comes with empty text, and its text later with
     `tokens=0`, so that the servicer's counts and timings see every token when it is generated.
+    """
+
+    text: str
+    tokens: int = 1
+
+
+@dataclass(frozen=True)
+class ReasoningText:
+    """Reasoning the model produced before its answer: never chunked, never spoken.
+
+    Counted like `TokenText` (its tokens are completion tokens too).
     """
 
     text: str
@@ -90,7 +103,7 @@ class Finished:
     reason: FinishReason
 
 
-GenerationEvent = TokenText | PromptUsage | Finished
+GenerationEvent = TokenText | ReasoningText | PromptUsage | Finished
 
 
 class LlmBackend(Backend[LlmSettings]):

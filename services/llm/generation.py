@@ -19,6 +19,7 @@ from services.llm.backend import (
     GenerationRequest,
     LlmBackend,
     PromptUsage,
+    ReasoningText,
     TokenText,
 )
 from services.llm.chunker import Chunk, ChunkPolicy, SentenceChunker
@@ -51,10 +52,13 @@ class GenerationStats:
     first_token_at: float | None = None
     last_token_at: float | None = None
     reported_completion_tokens: int | None = None
+    reasoning_tokens: int = 0
 
     def record(self, event: GenerationEvent) -> None:
         """Fold one backend event into the counts and timings."""
-        if isinstance(event, TokenText):
+        if isinstance(event, ReasoningText):
+            self.reasoning_tokens += event.tokens
+        if isinstance(event, TokenText | ReasoningText):
             if event.tokens:
                 now = time.perf_counter()
                 self.completion_tokens += event.tokens
@@ -178,6 +182,9 @@ class Generation:
         try:
             async for event in events:
                 self.stats.record(event)
+                if isinstance(event, ReasoningText):
+                    await self._send_reasoning(event)
+                    continue
                 if not isinstance(event, TokenText):
                     continue
                 uncounted += event.tokens
@@ -237,6 +244,12 @@ class Generation:
         )
         self.chunks_sent = chunk.index + 1
 
+    async def _send_reasoning(self, event: ReasoningText) -> None:
+        # Reasoning is not spoken, so it is not flow-controlled; the bounded queue still is.
+        if event.text or event.tokens:
+            delta = llm_pb2.ReasoningDelta(text=event.text, token_count=event.tokens)
+            await self.duplex.send(Response(reasoning=delta))
+
     async def _await_release(self, index: int) -> None:
         if not self.wait_for_continue:
             return
@@ -264,6 +277,7 @@ class Generation:
                         prompt_tokens=stats.prompt_tokens,
                         cached_prompt_tokens=stats.cached_prompt_tokens,
                         completion_tokens=stats.usage_completion_tokens,
+                        reasoning_tokens=stats.reasoning_tokens,
                     ),
                     timing=common_pb2.Timing(
                         ttfb_ms=1000 * (first - self.started_at),

@@ -57,6 +57,11 @@ class LlmSettings(ServerSettings):
         "context over one copy of the weights; more wait in arrival order. Each keeps the prompt "
         "cache of the conversation it served last.",
     )
+    chat_template: str = Field(
+        "",
+        description="A Jinja chat template file that replaces the GGUF's own (llama_cpp); empty "
+        "uses the model's. A template that takes enable_thinking switches reasoning with it.",
+    )
     extra_buffers: Literal["auto", "on", "off"] = Field(
         "auto",
         description="llama_cpp extra weight buffer types (repacked weights, AMX): auto uses them "

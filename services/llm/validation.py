@@ -8,6 +8,7 @@ import struct
 from nemotron.speech.v1 import llm_pb2
 from services.llm.backend import ROLES, ChatTurn, GenerationRequest, Sampling
 from services.llm.chunker import ChunkPolicy
+from services.llm.reasoning import Reasoning
 from services.llm.settings import LlmSettings
 from services.runtime.errors import InvalidArgument
 from services.runtime.ids import check_client_id
@@ -15,6 +16,7 @@ from services.runtime.ids import check_client_id
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_CHUNK_TOKENS = 512
+MAX_REASONING_BUDGET = 8192
 
 
 def generation_request(start: llm_pb2.StartGeneration, settings: LlmSettings) -> GenerationRequest:
@@ -26,7 +28,28 @@ def generation_request(start: llm_pb2.StartGeneration, settings: LlmSettings) ->
         messages=_messages(start, settings),
         sampling=_sampling(start.sampling, settings),
         conversation_id=conversation_id,
+        reasoning=_reasoning(start.reasoning),
     )
+
+
+def _reasoning(config: llm_pb2.ReasoningConfig) -> Reasoning:
+    """Off unless asked for; a budget only makes sense with reasoning on."""
+    known = (
+        llm_pb2.REASONING_MODE_UNSPECIFIED,
+        llm_pb2.REASONING_MODE_OFF,
+        llm_pb2.REASONING_MODE_ON,
+    )
+    if config.mode not in known:
+        raise InvalidArgument(
+            f"reasoning mode {config.mode} is unknown; use REASONING_MODE_OFF or REASONING_MODE_ON",
+            field="start.reasoning.mode",
+        )
+    if config.budget_tokens > MAX_REASONING_BUDGET:
+        raise InvalidArgument(
+            f"budget_tokens is {config.budget_tokens}; it must be at most {MAX_REASONING_BUDGET}",
+            field="start.reasoning.budget_tokens",
+        )
+    return Reasoning(config.mode == llm_pb2.REASONING_MODE_ON, config.budget_tokens)
 
 
 def chunk_policy(chunking: llm_pb2.ChunkingPolicy) -> ChunkPolicy:

@@ -39,6 +39,7 @@ from services.llm.backend import (
     GenerationRequest,
     LlmBackend,
     PromptUsage,
+    ReasoningText,
     Sampling,
     TokenText,
 )
@@ -50,7 +51,6 @@ from services.runtime.errors import Unavailable
 
 try:
     import llama_cpp
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 except ImportError as err:  # pragma: no cover - a core dependency
     raise ImportError(
         "llama_cpp backend needs llama-cpp-python: pip install nemotron-speech-mesh"
@@ -59,7 +59,10 @@ except ImportError as err:  # pragma: no cover - a core dependency
 from services.llm.backends.llama_engine import BatchEngine, common_prefix
 from services.llm.backends.llama_model import LlamaModel, MemoryReport
 from services.llm.backends.llama_probe import ExtraBuffers, choose_extra_buffers
+from services.llm.backends.llama_prompt import ChatPrompt, RenderedPrompt
 from services.llm.backends.model_source import resolve_model
+from services.llm.backends.pieces import piece_events
+from services.llm.reasoning import CLOSE_TAG, Piece, Reasoning, ThinkSplitter
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +113,27 @@ class _Sequence:
 
 
 class _Decoding:
-    """Turns one request's sampled tokens into text: stops, UTF-8, limits. Runs on the loop."""
+    """Turns one request's sampled tokens into events: reasoning apart, stops, UTF-8, limits.
 
-    def __init__(self, model: LlamaModel, prompt_tokens: int, sampling: Sampling, window: int):
+    Runs on the event loop. Stop strings apply to the answer only, never to the reasoning.
+    """
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        prompt_tokens: int,
+        sampling: Sampling,
+        window: int,
+        reasoning: Reasoning,
+        starts_in_reasoning: bool,
+    ):
         self.model = model
         self.sampling = sampling
         self.room = min(sampling.max_tokens, window - prompt_tokens)
         self.generated = 0
+        self.reasoning = reasoning
+        self.reasoning_tokens = 0
+        self.splitter = ThinkSplitter(inside=starts_in_reasoning)
         self.stops = StopMatcher(sampling.stop)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -125,30 +142,40 @@ class _Decoding:
         """max_tokens reached, or the window is full."""
         return self.generated >= self.room
 
-    def text(self, token: int) -> str:
-        """Count one generated token; its text, less what a stop string may still claim."""
-        self.generated += 1
-        return self.stops.push(self.utf8.decode(self.model.piece(token)))
-
-    def rest(self) -> str:
-        """What was held back, at the end."""
-        return self.stops.push(self.utf8.decode(b"", final=True)) + self.stops.flush()
-
-
-def chat_formatter(model: LlamaModel) -> Jinja2ChatFormatter:
-    """The model's own chat template (GGUF tokenizer.chat_template), run by llama-cpp-python."""
-    template = model.chat_template
-    if not template:
-        raise ValueError(
-            "the model carries no chat template (GGUF tokenizer.chat_template); use a GGUF "
-            "converted with one"
+    @property
+    def over_budget(self) -> bool:
+        """Reasoning is on, still open, and has spent its token budget."""
+        budget = self.reasoning.budget_tokens
+        return (
+            self.reasoning.enabled
+            and budget > 0
+            and self.splitter.inside
+            and self.reasoning_tokens >= budget
         )
-    return Jinja2ChatFormatter(
-        template=template,
-        eos_token=model.eos_text,
-        bos_token=model.bos_text,
-        add_generation_prompt=True,
-    )
+
+    def events(self, token: int) -> list[GenerationEvent]:
+        """Count one generated token; the reasoning or answer text it completes."""
+        self.generated += 1
+        inside = self.splitter.inside
+        text = self.utf8.decode(self.model.piece(token))
+        return self._events(self.splitter.push(text), 1, inside)
+
+    def close_reasoning(self) -> list[GenerationEvent]:
+        """End the reasoning here (its budget is spent); the closing tag is not generated."""
+        self.room -= 1  # the tag's cells; a little margin rather than a full window
+        return self._events(self.splitter.close_reasoning(), 0, True)
+
+    def rest(self) -> list[GenerationEvent]:
+        """What was held back, at the end."""
+        tail = self.splitter.push(self.utf8.decode(b"", final=True)) + self.splitter.flush()
+        events = self._events(tail, 0, False)
+        held = self.stops.flush()
+        return [*events, TokenText(held, 0)] if held else events
+
+    def _events(self, pieces: list[Piece], tokens: int, inside: bool) -> list[GenerationEvent]:
+        events = piece_events(pieces, tokens, inside, self.stops.push)
+        self.reasoning_tokens += sum(e.tokens for e in events if isinstance(e, ReasoningText))
+        return events
 
 
 class LlamaCppLlmBackend(LlmBackend):
@@ -165,6 +192,7 @@ class LlamaCppLlmBackend(LlmBackend):
         gpu_layers: int = -1,
         threads: int = 0,
         extra_buffers: ExtraBuffers = "auto",
+        chat_template: str = "",
     ) -> None:
         # A .gguf path or an `hf:` reference, resolved in load(): a reference may download.
         self.model_source = str(model or "")
@@ -180,7 +208,9 @@ class LlamaCppLlmBackend(LlmBackend):
         self.model: LlamaModel | None = None
         self.engine: BatchEngine | None = None
         self.pool: SlotPool[_Sequence] | None = None
-        self._formatter: Jinja2ChatFormatter | None = None
+        self.chat_template_file = chat_template
+        self._prompt: ChatPrompt | None = None
+        self._close_reasoning: list[int] = []
 
     @classmethod
     def from_settings(cls, settings: LlmSettings) -> Self:
@@ -192,6 +222,7 @@ class LlamaCppLlmBackend(LlmBackend):
             gpu_layers=settings.gpu_layers,
             threads=settings.threads,
             extra_buffers=settings.extra_buffers,
+            chat_template=settings.chat_template,
         )
 
     @property
@@ -236,7 +267,10 @@ class LlamaCppLlmBackend(LlmBackend):
         await self.engine.start()
         self.window = self.engine.window
         self.pool = SlotPool([_Sequence(i, self.engine) for i in range(self.slot_count)])
-        self._formatter = chat_formatter(self.model)
+        self._prompt = ChatPrompt(self.model, self.chat_template_file)
+        self._close_reasoning = self.model.tokenize(
+            (CLOSE_TAG + "\n\n").encode(), add_special=False, parse_special=True
+        )
         log.info(
             "llama_cpp: %s, %d sequences of %d tokens in one context, %d threads, gpu_layers %d",
             self.model_name,
@@ -246,21 +280,23 @@ class LlamaCppLlmBackend(LlmBackend):
             self.gpu_layers,
         )
         log.info("llama_cpp memory: %s", self.memory.describe())
-        warmup = await asyncio.to_thread(self.encode, WARMUP)
-        async for _event in self._decode(0, warmup, Sampling(temperature=0.0, max_tokens=2)):
+        warmup = await asyncio.to_thread(self.render, WARMUP, Reasoning())
+        sampling = Sampling(temperature=0.0, max_tokens=2)
+        async for _event in self._decode(0, warmup, sampling, Reasoning()):
             pass
 
     def _find_model(self) -> Path:
         """The .gguf file: the model setting's path or `hf:` reference, else the default."""
         return resolve_model(self.model_source) if self.model_source else default_model_path()
 
+    def render(self, messages: tuple[ChatTurn, ...], reasoning: Reasoning) -> RenderedPrompt:
+        """The model's prompt for `messages`: its chat template, then its tokenizer."""
+        assert self._prompt is not None, "load() first"
+        return self._prompt.render(messages, reasoning)
+
     def encode(self, messages: tuple[ChatTurn, ...]) -> list[int]:
-        """The model's prompt for `messages`: its own chat template, then its tokenizer."""
-        assert self._formatter is not None and self.model is not None, "load() first"
-        prompt = self._formatter(
-            messages=[{"role": m.role, "content": m.content} for m in messages]  # type: ignore[misc]
-        ).prompt
-        return self.model.tokenize(prompt.encode(), add_special=False, parse_special=True)
+        """The prompt's tokens with reasoning off (the default for speech)."""
+        return self.render(messages, Reasoning()).tokens
 
     async def aclose(self) -> None:
         """Stop the engine, then free the context and the weights."""
@@ -276,9 +312,16 @@ class LlamaCppLlmBackend(LlmBackend):
         if self.model is None or self.pool is None:
             raise Unavailable("the llama_cpp model is not loaded")
         reserve = generation_reserve(self.window, request.sampling.max_tokens)
+        rendered: dict[tuple[ChatTurn, ...], RenderedPrompt] = {}
+
+        def encode(messages: tuple[ChatTurn, ...]) -> list[int]:
+            rendered[messages] = self.render(messages, request.reasoning)
+            return rendered[messages].tokens
+
         fitted = await asyncio.to_thread(
-            fit_to_window, request.messages, self.encode, self.window - reserve
+            fit_to_window, request.messages, encode, self.window - reserve
         )
+        prompt = rendered[tuple(fitted.messages)]
         if fitted.dropped_turns:
             log.info(
                 "request %s: dropped the %d oldest turns to fit the window",
@@ -290,7 +333,7 @@ class LlamaCppLlmBackend(LlmBackend):
         )
         async with self.pool.acquire(score) as sequence:
             sequence.conversation_id = request.conversation_id
-            events = self._decode(sequence.seq_id, fitted.tokens, request.sampling)
+            events = self._decode(sequence.seq_id, prompt, request.sampling, request.reasoning)
             try:
                 async for event in events:
                     yield event
@@ -298,27 +341,35 @@ class LlamaCppLlmBackend(LlmBackend):
                 await events.aclose()
 
     async def _decode(
-        self, seq_id: int, prompt: Sequence[int], sampling: Sampling
+        self, seq_id: int, prompt: RenderedPrompt, sampling: Sampling, reasoning: Reasoning
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Decode on `seq_id`, one batched step per token; closing this stops at once."""
         assert self.engine is not None and self.model is not None
-        decoding = _Decoding(self.model, len(prompt), sampling, self.window)
+        tokens = prompt.tokens
+        decoding = _Decoding(
+            self.model, len(tokens), sampling, self.window, reasoning, prompt.starts_in_reasoning
+        )
         try:
-            cached = await self.engine.begin(seq_id, prompt, sampling)
-            yield PromptUsage(len(prompt), cached)
+            cached = await self.engine.begin(seq_id, tokens, sampling)
+            yield PromptUsage(len(tokens), cached)
             reason = FinishReason.LENGTH
             while not decoding.at_limit:
                 token = await self.engine.next_token(seq_id)
                 if self.model.is_end_of_generation(token):
                     reason = FinishReason.STOP
                     break
-                yield TokenText(decoding.text(token))
+                for event in decoding.events(token):
+                    yield event
                 if decoding.stops.stopped:
                     reason = FinishReason.STOP
                     break
-            rest = decoding.rest()
-            if rest:
-                yield TokenText(rest, tokens=0)
+                if decoding.over_budget:
+                    # The model would go on reasoning: close the block for it, so it answers.
+                    for event in decoding.close_reasoning():
+                        yield event
+                    await self.engine.append(seq_id, self._close_reasoning)
+            for event in decoding.rest():
+                yield event
             yield Finished(reason)
         finally:
             # Leaves the batch now; queued on the engine thread behind the step in flight.

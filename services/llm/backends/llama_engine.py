@@ -153,6 +153,14 @@ class BatchEngine:
             if self._demand.get(seq_id) is future:
                 del self._demand[seq_id]
 
+    async def append(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """Add tokens to what `seq_id` evaluates next (e.g. a closing tag the backend forces).
+
+        Call it between `next_token` calls of the request that holds the sequence.
+        """
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._append, seq_id, list(tokens))
+
     def end(self, seq_id: int) -> None:
         """The request on `seq_id` is over: leave the batch now, free its sampler after the step.
 
@@ -257,6 +265,9 @@ class BatchEngine:
         self._free_sampler(state)
         state.sampler = self._sampler(sampling)
         return reused
+
+    def _append(self, seq_id: int, tokens: list[int]) -> None:
+        self._states[seq_id].pending.extend(tokens)
 
     def _end(self, seq_id: int) -> None:
         state = self._states[seq_id]

@@ -32,9 +32,12 @@ from services.llm.backend import (
     GenerationRequest,
     LlmBackend,
     PromptUsage,
+    ReasoningText,
     Sampling,
     TokenText,
 )
+from services.llm.backends.pieces import text_events
+from services.llm.reasoning import ThinkSplitter
 from services.llm.settings import LlmSettings
 from services.runtime.errors import (
     FailedPrecondition,
@@ -144,6 +147,7 @@ class OpenAIUpstreamLlmBackend(LlmBackend):
                 if response.status_code >= 400:
                     raise status_error(response.status_code, (await response.aread()).decode())
                 finished = False
+                splitter = ThinkSplitter()
                 async for line in response.aiter_lines():
                     event = parse_event(line)
                     if event is None:
@@ -151,9 +155,15 @@ class OpenAIUpstreamLlmBackend(LlmBackend):
                     if event is DONE:
                         finished = True
                         break
-                    for item in events_of(event):
+                    for item in events_of(event, splitter):
                         yield item
                     finished = finished or finish_reason_of(event) is not None
+                for piece in splitter.flush():  # a held-back "<" that began no tag
+                    yield (
+                        ReasoningText(piece.text, 0)
+                        if piece.reasoning
+                        else TokenText(piece.text, 0)
+                    )
                 if not finished:
                     # llama_cpp.server, for one, ends the stream silently on a prompt over
                     # its window; only its log says why.
@@ -200,6 +210,9 @@ def request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         "max_tokens": sampling.max_tokens,
         # Not in OpenAI's API, but llama-server, llama_cpp.server and vLLM all take top_k.
         "top_k": sampling.top_k,
+        # llama-server and vLLM pass these to the chat template (Nemotron-3-Nano, Qwen3 take
+        # enable_thinking); servers that do not know the field ignore it.
+        "chat_template_kwargs": {"enable_thinking": request.reasoning.enabled},
     }
     if sampling.stop:
         body["stop"] = list(sampling.stop)
@@ -226,8 +239,15 @@ def parse_event(line: str) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def events_of(event: Mapping[str, Any]) -> list[GenerationEvent]:
-    """What one server-sent event carries: token texts (one token each), finish, usage."""
+def events_of(
+    event: Mapping[str, Any], splitter: ThinkSplitter | None = None
+) -> list[GenerationEvent]:
+    """What one server-sent event carries: token texts (one token each), finish, usage.
+
+    Reasoning comes apart from the answer either way a server sends it: in its own field
+    (`reasoning_content`, as vLLM and llama-server do with a reasoning parser) or as `<think>`
+    tags in the content (`splitter` cuts them out).
+    """
     if "error" in event:
         error = event["error"]
         message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
@@ -235,9 +255,13 @@ def events_of(event: Mapping[str, Any]) -> list[GenerationEvent]:
         raise status_error(code if isinstance(code, int) else 500, message)
     items: list[GenerationEvent] = []
     for choice in event.get("choices") or []:
-        text = (choice.get("delta") or {}).get("content")
+        delta = choice.get("delta") or {}
+        thought = delta.get("reasoning_content") or delta.get("reasoning")
+        if thought:
+            items.append(ReasoningText(str(thought)))
+        text = delta.get("content")
         if text:
-            items.append(TokenText(text))
+            items += text_events(splitter, str(text), 1) if splitter else [TokenText(str(text))]
         reason = choice.get("finish_reason")
         if reason:
             items.append(Finished(FinishReason.LENGTH if reason == "length" else FinishReason.STOP))

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncGenerator, Sequence
+from functools import partial
 from typing import Any, Self
 
 from services.llm.backend import (
@@ -26,7 +27,9 @@ from services.llm.backend import (
     Sampling,
     TokenText,
 )
+from services.llm.backends.pieces import piece_events, text_events
 from services.llm.context import fit_to_window, generation_reserve
+from services.llm.reasoning import CLOSE_TAG, OPEN_TAG, Reasoning, ThinkSplitter
 from services.llm.settings import LlmSettings
 from services.runtime.errors import Unavailable
 
@@ -60,14 +63,22 @@ def finish_reason(reason: str | None) -> FinishReason:
     return FinishReason.STOP
 
 
-def output_events(output: Any, prompt_tokens: int) -> list[GenerationEvent]:
-    """What one delta `RequestOutput` carries: its new tokens' text, the prompt cache, the end."""
+def output_events(
+    output: Any, prompt_tokens: int, splitter: ThinkSplitter | None = None
+) -> list[GenerationEvent]:
+    """What one delta `RequestOutput` carries: its new tokens' text, the prompt cache, the end.
+
+    With `splitter`, `<think>` blocks in the text come out as reasoning, never as answer.
+    """
     events: list[GenerationEvent] = []
     if output.num_cached_tokens is not None:
         events.append(PromptUsage(prompt_tokens, int(output.num_cached_tokens)))
     completion = output.outputs[0]
-    if completion.token_ids or completion.text:
-        events.append(TokenText(str(completion.text), len(completion.token_ids)))
+    text, tokens = str(completion.text), len(completion.token_ids)
+    if splitter is not None:
+        events += text_events(splitter, text, tokens)
+    elif tokens or text:
+        events.append(TokenText(text, tokens))
     if completion.finish_reason is not None:
         events.append(Finished(finish_reason(completion.finish_reason)))
     return events
@@ -154,14 +165,31 @@ class VllmLlmBackend(LlmBackend):
             self._engine.shutdown()
             self._engine = None
 
-    def encode(self, messages: tuple[ChatTurn, ...]) -> Sequence[int]:
-        """The model's chat template (from its tokenizer config), tokenized."""
+    def encode(
+        self, messages: tuple[ChatTurn, ...], reasoning: Reasoning | None = None
+    ) -> Sequence[int]:
+        """The model's chat template (from its tokenizer config), tokenized.
+
+        `enable_thinking` goes to the template, as vLLM's `chat_template_kwargs` does; templates
+        without the variable ignore it.
+        """
         tokens: Sequence[int] = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             tokenize=True,
             add_generation_prompt=True,
+            enable_thinking=(reasoning or Reasoning()).enabled,
         )
         return tokens
+
+    def opens_reasoning(self, messages: tuple[ChatTurn, ...], reasoning: Reasoning) -> bool:
+        """True when the generation prompt itself opens a `<think>` block."""
+        text: str = self._tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=reasoning.enabled,
+        )
+        return text.rfind(OPEN_TAG) > text.rfind(CLOSE_TAG)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream deltas from the engine; closing this aborts the request."""
@@ -173,8 +201,15 @@ class VllmLlmBackend(LlmBackend):
 
         reserve = generation_reserve(self.window, request.sampling.max_tokens)
         fitted = await asyncio.to_thread(
-            fit_to_window, request.messages, self.encode, self.window - reserve
+            fit_to_window,
+            request.messages,
+            partial(self.encode, reasoning=request.reasoning),
+            self.window - reserve,
         )
+        inside = await asyncio.to_thread(
+            self.opens_reasoning, tuple(fitted.messages), request.reasoning
+        )
+        splitter = ThinkSplitter(inside=inside)
         prompt_tokens = len(fitted.tokens)
         yield PromptUsage(prompt_tokens)
         params = self._sampling_params(
@@ -186,8 +221,10 @@ class VllmLlmBackend(LlmBackend):
         )
         try:
             async for output in outputs:
-                for event in output_events(output, prompt_tokens):
+                for event in output_events(output, prompt_tokens, splitter):
                     yield event
+            for event in piece_events(splitter.flush(), 0, splitter.inside):
+                yield event
         finally:
             await outputs.aclose()
             await self._engine.abort(request_id)  # a no-op once finished

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnemotron/speech/v1/common.proto\x12\x12nemotron.speech.v1\"\x8b\x01\n\x05Usage\x12#\n\rprompt_tokens\x18\x01 \x01(\rR\x0cpromptTokens\x12\x30\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\rR\x12\x63\x61\x63hedPromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x03 \x01(\rR\x10\x63ompletionTokens\"<\n\x06Timing\x12\x17\n\x07ttfb_ms\x18\x01 \x01(\x01R\x06ttfbMs\x12\x19\n\x08total_ms\x18\x02 \x01(\x01R\x07totalMs*L\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnemotron/speech/v1/common.proto\x12\x12nemotron.speech.v1\"\xb6\x01\n\x05Usage\x12#\n\rprompt_tokens\x18\x01 \x01(\rR\x0cpromptTokens\x12\x30\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\rR\x12\x63\x61\x63hedPromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x03 \x01(\rR\x10\x63ompletionTokens\x12)\n\x10reasoning_tokens\x18\x04 \x01(\rR\x0freasoningTokens\"<\n\x06Timing\x12\x17\n\x07ttfb_ms\x18\x01 \x01(\x01R\x06ttfbMs\x12\x19\n\x08total_ms\x18\x02 \x01(\x01R\x07totalMs*L\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nemotron.speech.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=259
-  _globals['_AUDIOENCODING']._serialized_end=335
+  _globals['_AUDIOENCODING']._serialized_start=302
+  _globals['_AUDIOENCODING']._serialized_end=378
   _globals['_USAGE']._serialized_start=56
-  _globals['_USAGE']._serialized_end=195
-  _globals['_TIMING']._serialized_start=197
-  _globals['_TIMING']._serialized_end=257
+  _globals['_USAGE']._serialized_end=238
+  _globals['_TIMING']._serialized_start=240
+  _globals['_TIMING']._serialized_end=300
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from nemotron.speech.v1 import common_pb2 as nemotron_dot_speech_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnemotron/speech/v1/llm.proto\x12\x12nemotron.speech.v1\x1a\x1fnemotron/speech/v1/common.proto\"\xfa\x01\n\x15GenerateChunksRequest\x12;\n\x05start\x18\x01 \x01(\x0b\x32#.nemotron.speech.v1.StartGenerationH\x00R\x05start\x12Y\n\x13\x63ontinue_generation\x18\x02 \x01(\x0b\x32&.nemotron.speech.v1.ContinueGenerationH\x00R\x12\x63ontinueGeneration\x12>\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32$.nemotron.speech.v1.CancelGenerationH\x00R\x06\x63\x61ncelB\t\n\x07request\"\xb3\x03\n\x0fStartGeneration\x12\x1d\n\nrequest_id\x18\x01 \x01(\tR\trequestId\x12;\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.nemotron.speech.v1.ChatMessageR\x08messages\x12>\n\x08sampling\x18\x03 \x01(\x0b\x32\".nemotron.speech.v1.SamplingParamsR\x08sampling\x12>\n\x08\x63hunking\x18\x04 \x01(\x0b\x32\".nemotron.speech.v1.ChunkingPolicyR\x08\x63hunking\x12\'\n\x0f\x63onversation_id\x18\x05 \x01(\tR\x0e\x63onversationId\x12Z\n\rtrace_context\x18\x06 \x03(\x0b\x32\x35.nemotron.speech.v1.StartGeneration.TraceContextEntryR\x0ctraceContext\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\";\n\x0b\x43hatMessage\x12\x12\n\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n\x07\x63ontent\x18\x02 \x01(\tR\x07\x63ontent\"\xc3\x02\n\x0eSamplingParams\x12%\n\x0btemperature\x18\x01 \x01(\x02H\x00R\x0btemperature\x88\x01\x01\x12\x18\n\x05top_p\x18\x02 \x01(\x02H\x01R\x04topP\x88\x01\x01\x12\x18\n\x05top_k\x18\x03 \x01(\rH\x02R\x04topK\x88\x01\x01\x12\"\n\nmax_tokens\x18\x04 \x01(\rH\x03R\tmaxTokens\x88\x01\x01\x12\x17\n\x04seed\x18\x05 \x01(\rH\x04R\x04seed\x88\x01\x01\x12\x12\n\x04stop\x18\x06 \x03(\tR\x04stop\x12\x32\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05R\x11repetitionPenalty\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xbb\x02\n\x0e\x43hunkingPolicy\x12\x38\n\x16\x66irst_chunk_min_tokens\x18\x01 \x01(\rH\x00R\x13\x66irstChunkMinTokens\x88\x01\x01\x12\x38\n\x16\x66irst_chunk_max_tokens\x18\x02 \x01(\rH\x01R\x13\x66irstChunkMaxTokens\x88\x01\x01\x12\x38\n\x16later_chunk_max_tokens\x18\x03 \x01(\rH\x02R\x13laterChunkMaxTokens\x88\x01\x01\x12*\n\x11wait_for_continue\x18\x04 \x01(\x08R\x0fwaitForContinueB\x19\n\x17_first_chunk_min_tokensB\x19\n\x17_first_chunk_max_tokensB\x19\n\x17_later_chunk_max_tokens\"5\n\x12\x43ontinueGeneration\x12\x1f\n\x0b\x63hunk_index\x18\x01 \x01(\rR\nchunkIndex\"\x12\n\x10\x43\x61ncelGeneration\"\x95\x01\n\x16GenerateChunksResponse\x12\x35\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1d.nemotron.speech.v1.TextChunkH\x00R\x05\x63hunk\x12\x38\n\x04\x64one\x18\x02 \x01(\x0b\x32\".nemotron.speech.v1.GenerationDoneH\x00R\x04\x64oneB\n\n\x08response\"{\n\tTextChunk\x12\x14\n\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12#\n\rends_sentence\x18\x03 \x01(\x08R\x0c\x65ndsSentence\x12\x1f\n\x0btoken_count\x18\x04 \x01(\rR\ntokenCount\"\x89\x02\n\x0eGenerationDone\x12\x45\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .nemotron.speech.v1.FinishReasonR\x0c\x66inishReason\x12/\n\x05usage\x18\x02 \x01(\x0b\x32\x19.nemotron.speech.v1.UsageR\x05usage\x12\x32\n\x06timing\x18\x03 \x01(\x0b\x32\x1a.nemotron.speech.v1.TimingR\x06timing\x12*\n\x11tokens_per_second\x18\x04 \x01(\x01R\x0ftokensPerSecond\x12\x1f\n\x0b\x63hunk_count\x18\x05 \x01(\rR\nchunkCount*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32y\n\nLlmService\x12k\n\x0eGenerateChunks\x12).nemotron.speech.v1.GenerateChunksRequest\x1a*.nemotron.speech.v1.GenerateChunksResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnemotron/speech/v1/llm.proto\x12\x12nemotron.speech.v1\x1a\x1fnemotron/speech/v1/common.proto\"\xfa\x01\n\x15GenerateChunksRequest\x12;\n\x05start\x18\x01 \x01(\x0b\x32#.nemotron.speech.v1.StartGenerationH\x00R\x05start\x12Y\n\x13\x63ontinue_generation\x18\x02 \x01(\x0b\x32&.nemotron.speech.v1.ContinueGenerationH\x00R\x12\x63ontinueGeneration\x12>\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32$.nemotron.speech.v1.CancelGenerationH\x00R\x06\x63\x61ncelB\t\n\x07request\"\xf6\x03\n\x0fStartGeneration\x12\x1d\n\nrequest_id\x18\x01 \x01(\tR\trequestId\x12;\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.nemotron.speech.v1.ChatMessageR\x08messages\x12>\n\x08sampling\x18\x03 \x01(\x0b\x32\".nemotron.speech.v1.SamplingParamsR\x08sampling\x12>\n\x08\x63hunking\x18\x04 \x01(\x0b\x32\".nemotron.speech.v1.ChunkingPolicyR\x08\x63hunking\x12\'\n\x0f\x63onversation_id\x18\x05 \x01(\tR\x0e\x63onversationId\x12Z\n\rtrace_context\x18\x06 \x03(\x0b\x32\x35.nemotron.speech.v1.StartGeneration.TraceContextEntryR\x0ctraceContext\x12\x41\n\treasoning\x18\x07 \x01(\x0b\x32#.nemotron.speech.v1.ReasoningConfigR\treasoning\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"m\n\x0fReasoningConfig\x12\x35\n\x04mode\x18\x01 \x01(\x0e\x32!.nemotron.speech.v1.ReasoningModeR\x04mode\x12#\n\rbudget_tokens\x18\x02 \x01(\rR\x0c\x62udgetTokens\";\n\x0b\x43hatMessage\x12\x12\n\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n\x07\x63ontent\x18\x02 \x01(\tR\x07\x63ontent\"\xc3\x02\n\x0eSamplingParams\x12%\n\x0btemperature\x18\x01 \x01(\x02H\x00R\x0btemperature\x88\x01\x01\x12\x18\n\x05top_p\x18\x02 \x01(\x02H\x01R\x04topP\x88\x01\x01\x12\x18\n\x05top_k\x18\x03 \x01(\rH\x02R\x04topK\x88\x01\x01\x12\"\n\nmax_tokens\x18\x04 \x01(\rH\x03R\tmaxTokens\x88\x01\x01\x12\x17\n\x04seed\x18\x05 \x01(\rH\x04R\x04seed\x88\x01\x01\x12\x12\n\x04stop\x18\x06 \x03(\tR\x04stop\x12\x32\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05R\x11repetitionPenalty\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xbb\x02\n\x0e\x43hunkingPolicy\x12\x38\n\x16\x66irst_chunk_min_tokens\x18\x01 \x01(\rH\x00R\x13\x66irstChunkMinTokens\x88\x01\x01\x12\x38\n\x16\x66irst_chunk_max_tokens\x18\x02 \x01(\rH\x01R\x13\x66irstChunkMaxTokens\x88\x01\x01\x12\x38\n\x16later_chunk_max_tokens\x18\x03 \x01(\rH\x02R\x13laterChunkMaxTokens\x88\x01\x01\x12*\n\x11wait_for_continue\x18\x04 \x01(\x08R\x0fwaitForContinueB\x19\n\x17_first_chunk_min_tokensB\x19\n\x17_first_chunk_max_tokensB\x19\n\x17_later_chunk_max_tokens\"5\n\x12\x43ontinueGeneration\x12\x1f\n\x0b\x63hunk_index\x18\x01 \x01(\rR\nchunkIndex\"\x12\n\x10\x43\x61ncelGeneration\"\xd9\x01\n\x16GenerateChunksResponse\x12\x35\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1d.nemotron.speech.v1.TextChunkH\x00R\x05\x63hunk\x12\x38\n\x04\x64one\x18\x02 \x01(\x0b\x32\".nemotron.speech.v1.GenerationDoneH\x00R\x04\x64one\x12\x42\n\treasoning\x18\x03 \x01(\x0b\x32\".nemotron.speech.v1.ReasoningDeltaH\x00R\treasoningB\n\n\x08response\"E\n\x0eReasoningDelta\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\x12\x1f\n\x0btoken_count\x18\x02 \x01(\rR\ntokenCount\"{\n\tTextChunk\x12\x14\n\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12#\n\rends_sentence\x18\x03 \x01(\x08R\x0c\x65ndsSentence\x12\x1f\n\x0btoken_count\x18\x04 \x01(\rR\ntokenCount\"\x89\x02\n\x0eGenerationDone\x12\x45\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .nemotron.speech.v1.FinishReasonR\x0c\x66inishReason\x12/\n\x05usage\x18\x02 \x01(\x0b\x32\x19.nemotron.speech.v1.UsageR\x05usage\x12\x32\n\x06timing\x18\x03 \x01(\x0b\x32\x1a.nemotron.speech.v1.TimingR\x06timing\x12*\n\x11tokens_per_second\x18\x04 \x01(\x01R\x0ftokensPerSecond\x12\x1f\n\x0b\x63hunk_count\x18\x05 \x01(\rR\nchunkCount*^\n\rReasoningMode\x12\x1e\n\x1aREASONING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12REASONING_MODE_OFF\x10\x01\x12\x15\n\x11REASONING_MODE_ON\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32y\n\nLlmService\x12k\n\x0eGenerateChunks\x12).nemotron.speech.v1.GenerateChunksRequest\x1a*.nemotron.speech.v1.GenerateChunksResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTGENERATION_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2101
-  _globals['_FINISHREASON']._serialized_end=2225
+  _globals['_REASONINGMODE']._serialized_start=2418
+  _globals['_REASONINGMODE']._serialized_end=2512
+  _globals['_FINISHREASON']._serialized_start=2514
+  _globals['_FINISHREASON']._serialized_end=2638
   _globals['_GENERATECHUNKSREQUEST']._serialized_start=86
   _globals['_GENERATECHUNKSREQUEST']._serialized_end=336
   _globals['_STARTGENERATION']._serialized_start=339
-  _globals['_STARTGENERATION']._serialized_end=774
-  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_start=711
-  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_end=774
-  _globals['_CHATMESSAGE']._serialized_start=776
-  _globals['_CHATMESSAGE']._serialized_end=835
-  _globals['_SAMPLINGPARAMS']._serialized_start=838
-  _globals['_SAMPLINGPARAMS']._serialized_end=1161
-  _globals['_CHUNKINGPOLICY']._serialized_start=1164
-  _globals['_CHUNKINGPOLICY']._serialized_end=1479
-  _globals['_CONTINUEGENERATION']._serialized_start=1481
-  _globals['_CONTINUEGENERATION']._serialized_end=1534
-  _globals['_CANCELGENERATION']._serialized_start=1536
-  _globals['_CANCELGENERATION']._serialized_end=1554
-  _globals['_GENERATECHUNKSRESPONSE']._serialized_start=1557
-  _globals['_GENERATECHUNKSRESPONSE']._serialized_end=1706
-  _globals['_TEXTCHUNK']._serialized_start=1708
-  _globals['_TEXTCHUNK']._serialized_end=1831
-  _globals['_GENERATIONDONE']._serialized_start=1834
-  _globals['_GENERATIONDONE']._serialized_end=2099
-  _globals['_LLMSERVICE']._serialized_start=2227
-  _globals['_LLMSERVICE']._serialized_end=2348
+  _globals['_STARTGENERATION']._serialized_end=841
+  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_start=778
+  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_end=841
+  _globals['_REASONINGCONFIG']._serialized_start=843
+  _globals['_REASONINGCONFIG']._serialized_end=952
+  _globals['_CHATMESSAGE']._serialized_start=954
+  _globals['_CHATMESSAGE']._serialized_end=1013
+  _globals['_SAMPLINGPARAMS']._serialized_start=1016
+  _globals['_SAMPLINGPARAMS']._serialized_end=1339
+  _globals['_CHUNKINGPOLICY']._serialized_start=1342
+  _globals['_CHUNKINGPOLICY']._serialized_end=1657
+  _globals['_CONTINUEGENERATION']._serialized_start=1659
+  _globals['_CONTINUEGENERATION']._serialized_end=1712
+  _globals['_CANCELGENERATION']._serialized_start=1714
+  _globals['_CANCELGENERATION']._serialized_end=1732
+  _globals['_GENERATECHUNKSRESPONSE']._serialized_start=1735
+  _globals['_GENERATECHUNKSRESPONSE']._serialized_end=1952
+  _globals['_REASONINGDELTA']._serialized_start=1954
+  _globals['_REASONINGDELTA']._serialized_end=2023
+  _globals['_TEXTCHUNK']._serialized_start=2025
+  _globals['_TEXTCHUNK']._serialized_end=2148
+  _globals['_GENERATIONDONE']._serialized_start=2151
+  _globals['_GENERATIONDONE']._serialized_end=2416
+  _globals['_LLMSERVICE']._serialized_start=2640
+  _globals['_LLMSERVICE']._serialized_end=2761
 # @@protoc_insertion_point(module_scope)

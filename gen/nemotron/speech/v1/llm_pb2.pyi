@@ -8,12 +8,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReasoningMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REASONING_MODE_UNSPECIFIED: _ClassVar[ReasoningMode]
+    REASONING_MODE_OFF: _ClassVar[ReasoningMode]
+    REASONING_MODE_ON: _ClassVar[ReasoningMode]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+REASONING_MODE_UNSPECIFIED: ReasoningMode
+REASONING_MODE_OFF: ReasoningMode
+REASONING_MODE_ON: ReasoningMode
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -30,7 +39,7 @@ class GenerateChunksRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[StartGeneration, _Mapping]] = ..., continue_generation: _Optional[_Union[ContinueGeneration, _Mapping]] = ..., cancel: _Optional[_Union[CancelGeneration, _Mapping]] = ...) -> None: ...
 
 class StartGeneration(_message.Message):
-    __slots__ = ("request_id", "messages", "sampling", "chunking", "conversation_id", "trace_context")
+    __slots__ = ("request_id", "messages", "sampling", "chunking", "conversation_id", "trace_context", "reasoning")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,13 +53,23 @@ class StartGeneration(_message.Message):
     CHUNKING_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
     chunking: ChunkingPolicy
     conversation_id: str
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., chunking: _Optional[_Union[ChunkingPolicy, _Mapping]] = ..., conversation_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    reasoning: ReasoningConfig
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., chunking: _Optional[_Union[ChunkingPolicy, _Mapping]] = ..., conversation_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., reasoning: _Optional[_Union[ReasoningConfig, _Mapping]] = ...) -> None: ...
+
+class ReasoningConfig(_message.Message):
+    __slots__ = ("mode", "budget_tokens")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    mode: ReasoningMode
+    budget_tokens: int
+    def __init__(self, mode: _Optional[_Union[ReasoningMode, str]] = ..., budget_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -101,12 +120,22 @@ class CancelGeneration(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerateChunksResponse(_message.Message):
-    __slots__ = ("chunk", "done")
+    __slots__ = ("chunk", "done", "reasoning")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
     chunk: TextChunk
     done: GenerationDone
-    def __init__(self, chunk: _Optional[_Union[TextChunk, _Mapping]] = ..., done: _Optional[_Union[GenerationDone, _Mapping]] = ...) -> None: ...
+    reasoning: ReasoningDelta
+    def __init__(self, chunk: _Optional[_Union[TextChunk, _Mapping]] = ..., done: _Optional[_Union[GenerationDone, _Mapping]] = ..., reasoning: _Optional[_Union[ReasoningDelta, _Mapping]] = ...) -> None: ...
+
+class ReasoningDelta(_message.Message):
+    __slots__ = ("text", "token_count")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_count: int
+    def __init__(self, text: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
 
 class TextChunk(_message.Message):
     __slots__ = ("index", "text", "ends_sentence", "token_count")
