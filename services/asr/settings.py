@@ -13,6 +13,9 @@ from services.runtime.settings import ServerSettings
 #: Right attention contexts the cache-aware FastConformer was trained with (80 ms frames).
 RIGHT_CONTEXTS = (0, 1, 6, 13)
 
+#: The nemo backend's RNNT greedy decoder: with CUDA graphs, without, or chosen by the GPU.
+GreedyCudaGraphs = Literal["auto", "on", "off"]
+
 
 class AsrSettings(ServerSettings):
     """Everything the ASR server can be configured with."""
@@ -60,6 +63,14 @@ class AsrSettings(ServerSettings):
         ge=1,
         le=256,
         description="nemo: most stream steps batched into one forward pass.",
+    )
+    greedy_cuda_graphs: GreedyCudaGraphs = Field(
+        "auto",
+        description="nemo: the RNNT greedy decoder. 'on': NeMo's batched label-looping decoder "
+        "run as CUDA graphs (loop_labels and use_cuda_graph_decoder on; the fastest). 'off': "
+        "both off, NeMo's per-stream decoder, as the seed runs it on Blackwell GPUs, where it "
+        "calls this required (the streams of a step are decoded one after another). 'auto': off "
+        "on a Blackwell GPU (compute capability 10 and up), on elsewhere.",
     )
 
     @field_validator("right_context")

@@ -22,6 +22,7 @@ the current hypothesis at once.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from services.asr.backend import (
     StreamOptions,
     silence,
 )
-from services.asr.settings import AsrSettings
+from services.asr.settings import AsrSettings, GreedyCudaGraphs
 from services.runtime.streams import StreamQueue
 
 # torch and NeMo come with the nemo extra; without it mypy finds neither (hence the ignores).
@@ -48,6 +49,7 @@ try:
     from nemo.collections.asr.models import (  # type: ignore[import-untyped, import-not-found, unused-ignore]
         ASRModel,
     )
+    from omegaconf import open_dict  # type: ignore[import-not-found, unused-ignore]
 except ImportError as err:
     raise ImportError(
         "the nemo backend needs torch and NeMo: pip install 'nemotron-speech-mesh[nemo]'"
@@ -88,6 +90,7 @@ class ParakeetAsrBackend(AsrBackend):
         right_context: int = 1,
         device: str = "auto",
         max_batch: int = 16,
+        greedy_cuda_graphs: GreedyCudaGraphs = "auto",
         asr_model: Any = None,
     ) -> None:
         self.model_ref = model or DEFAULT_MODEL
@@ -96,6 +99,7 @@ class ParakeetAsrBackend(AsrBackend):
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
         self.max_batch = max_batch
+        self.greedy_cuda_graphs = greedy_cuda_graphs
         self.model: Any = asr_model  # a loaded model may be handed in (tests build tiny ones)
         self._batcher: StepBatcher[StreamState] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -108,6 +112,7 @@ class ParakeetAsrBackend(AsrBackend):
             right_context=settings.right_context,
             device=settings.device,
             max_batch=settings.max_batch,
+            greedy_cuda_graphs=settings.greedy_cuda_graphs,
         )
 
     @property
@@ -258,8 +263,17 @@ class ParakeetAsrBackend(AsrBackend):
         featurizer.pad_to = 0
         if getattr(featurizer, "normalize", None) not in (None, "NA", ""):
             log.warning("the model normalizes features per utterance; streaming will differ")
-        if model.cfg.decoding.strategy != "greedy_batch":
-            model.change_decoding_strategy(_greedy_decoding(model))
+        capability = (
+            torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        )
+        graphs = cuda_graphs_wanted(self.greedy_cuda_graphs, capability)
+        model.change_decoding_strategy(greedy_decoding(model.cfg.decoding, graphs), verbose=False)
+        log.info(
+            "RNNT greedy decoding: %s (greedy_cuda_graphs=%s, compute capability %s)",
+            "batched label looping, CUDA graphs" if graphs else "per stream, no CUDA graphs",
+            self.greedy_cuda_graphs,
+            "none" if capability is None else ".".join(map(str, capability)),
+        )
 
 
 def _push(features: IncrementalFeatures, cursor: ChunkCursor, samples: FloatAudio) -> list[Chunk]:
@@ -282,9 +296,35 @@ def _restore(ref: str, device: torch.device) -> Any:
     return ASRModel.from_pretrained(ref, map_location=device)
 
 
-def _greedy_decoding(model: Any) -> Any:
-    decoding = model.cfg.decoding
-    decoding.strategy = "greedy_batch"
+def cuda_graphs_wanted(setting: GreedyCudaGraphs, capability: tuple[int, int] | None) -> bool:
+    """Whether the greedy decoder uses CUDA graphs: `setting`, with "auto" decided by the GPU.
+
+    `capability` is the GPU's compute capability (None on the CPU, where NeMo runs no graphs
+    anyway). Blackwell (10.x data centre, 11.x Thor, 12.x RTX 50 and DGX Spark) and anything newer
+    gets none: the seed, built for Blackwell, switches the graph decoder off as "required for
+    Blackwell", and a decoder that fails there fails every stream.
+    """
+    if setting != "auto":
+        return setting == "on"
+    return capability is None or capability[0] < 10
+
+
+def greedy_decoding(decoding: Any, cuda_graphs: bool) -> Any:
+    """A copy of the model's decoding config with the greedy decoder that `cuda_graphs` picks.
+
+    With graphs: `greedy_batch` with `loop_labels` and `use_cuda_graph_decoder` (NeMo's
+    defaults). Without: both off, as the seed sets them for Blackwell, and the strategy `greedy`
+    (NeMo's per-stream decoder, as in the seed), because NeMo's batched frame-looping decoder
+    (`greedy_batch` without label looping) cannot carry a hypothesis from one chunk to the next:
+    it raises NotImplementedError on `partial_hypotheses`.
+    """
+    decoding = copy.deepcopy(decoding)
+    with open_dict(decoding):
+        decoding.strategy = "greedy_batch" if cuda_graphs else "greedy"
+        if decoding.get("greedy") is None:
+            decoding.greedy = {}
+        decoding.greedy.loop_labels = cuda_graphs
+        decoding.greedy.use_cuda_graph_decoder = cuda_graphs
     return decoding
 
 
