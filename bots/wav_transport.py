@@ -31,6 +31,13 @@ from services.runtime.audio import float_to_pcm16, pcm16_to_float, resample
 
 FRAME_MS = 20
 
+#: Utterances that may wait behind the one playing. A script queues one or two ahead of the
+#: microphone; the bound keeps a runaway script from piling up audio, and `say` waits for room
+#: rather than dropping: each entry is a whole scripted utterance, and losing one would change
+#: the conversation under test. (Frame-level back-pressure is not needed: the microphone makes
+#: its frames itself, at real time, so none pile up.)
+MAX_QUEUED_UTTERANCES = 8
+
 
 def read_wav(path: Path, sample_rate: int) -> bytes:
     """A mono 16-bit WAV file as PCM at `sample_rate` (downmixed and resampled as needed)."""
@@ -78,15 +85,19 @@ class WavInput(BaseInputTransport):
 
     def __init__(self, params: TransportParams, speech: bytes = b"", **kwargs: object) -> None:
         super().__init__(params, **kwargs)
-        self._speech: asyncio.Queue[bytes] = asyncio.Queue()
+        self._speech: asyncio.Queue[bytes] = asyncio.Queue(MAX_QUEUED_UTTERANCES)
         if speech:
-            self._speech.put_nowait(speech)
+            self._speech.put_nowait(speech)  # the first of an empty queue
         self._task: asyncio.Task[None] | None = None
         self.speech_ended_at: list[float] = []
 
-    def say(self, pcm: bytes) -> None:
-        """Queue speech; it plays after what is queued before it."""
-        self._speech.put_nowait(pcm)
+    async def say(self, pcm: bytes) -> None:
+        """Queue speech; it plays after what is queued before it.
+
+        Waits while `MAX_QUEUED_UTTERANCES` are already waiting, until the microphone takes the
+        next one (when the one playing ends).
+        """
+        await self._speech.put(pcm)
 
     async def start(self, frame: StartFrame) -> None:
         """Start the microphone once the pipeline runs."""

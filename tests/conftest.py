@@ -1,11 +1,12 @@
-"""Fixtures: real grpc.aio servers on free ports, hosting servicers with test-double backends."""
+"""Fixtures: real grpc.aio servers on free ports, hosting servicers with test-double backends.
+
+Only fixtures live here; what tests import lives in tests/servers.py, doubles.py and helpers.py.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import grpc
 import pytest
 
 from nemotron.speech.v1 import asr_pb2_grpc, llm_pb2_grpc, tts_pb2_grpc
@@ -14,29 +15,19 @@ from services.asr.settings import AsrSettings
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.runtime.server import MeshServer
-from services.runtime.service import MeshService
 from services.tts.servicer import TtsService
 from services.tts.settings import TtsSettings
-from tests.doubles import CountingAsrBackendDouble, ScriptedLlmBackendDouble, ToneTtsBackendDouble
+from tests.doubles import (
+    REPLY,
+    CountingAsrBackendDouble,
+    OtlpReceiverDouble,
+    ScriptedLlmBackendDouble,
+    ToneTtsBackendDouble,
+)
+from tests.servers import channel_to, running, serving_double
 
-
-@asynccontextmanager
-async def running(service: MeshService, wait: bool = True) -> AsyncIterator[MeshServer]:
-    """Start `service` on a free loopback port; stop it afterwards."""
-    server = MeshServer(service)
-    await server.start()
-    try:
-        if wait:
-            await server.wait_loaded()
-        yield server
-    finally:
-        await server.stop()
-
-
-@asynccontextmanager
-async def channel_to(server: MeshServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
+# tests/test_stack_cli.py still imports REPLY and running from here; they live in tests.doubles
+# and tests.servers.
 
 
 @pytest.fixture
@@ -75,12 +66,6 @@ async def tts_stub(tts_server: MeshServer) -> AsyncIterator[tts_pb2_grpc.TtsServ
         yield tts_pb2_grpc.TtsServiceStub(channel)
 
 
-REPLY = (
-    "Sure, I can help with that today. The weather in Paris is mild, around 18 degrees. "
-    "Dr. Smith recommends a light jacket. Anything else?"
-)
-
-
 @pytest.fixture
 def llm_backend() -> ScriptedLlmBackendDouble:
     return ScriptedLlmBackendDouble(REPLY, token_delay_s=0.001)
@@ -97,3 +82,11 @@ async def llm_server(llm_backend: ScriptedLlmBackendDouble) -> AsyncIterator[Mes
 async def llm_stub(llm_server: MeshServer) -> AsyncIterator[llm_pb2_grpc.LlmServiceStub]:
     async with channel_to(llm_server) as channel:
         yield llm_pb2_grpc.LlmServiceStub(channel)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[OtlpReceiverDouble, str]]:
+    """An OTLP trace receiver double on a free port, and its target."""
+    double = OtlpReceiverDouble()
+    async with serving_double(double.register) as target:
+        yield double, target

@@ -1,4 +1,4 @@
-"""Test doubles of the three backend seams: deterministic, instant, and observable.
+"""Test doubles of the three backend seams (deterministic, instant, observable) and of a collector.
 
 They let contract tests drive the servicers through real gRPC without model weights. None of them
 is a product backend: they live here, in tests/, and are named as doubles.
@@ -7,9 +7,13 @@ is a product backend: they live here, in tests/, and are named as doubles.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+import grpc
 import numpy as np
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from services.asr.backend import (
     AsrBackend,
@@ -141,6 +145,13 @@ class ToneTtsBackendDouble(TtsBackend):
             self.closed += 1
 
 
+#: What the LLM double answers in the shared fixtures and the double server processes.
+REPLY = (
+    "Sure, I can help with that today. The weather in Paris is mild, around 18 degrees. "
+    "Dr. Smith recommends a light jacket. Anything else?"
+)
+
+
 class ScriptedLlmBackendDouble(LlmBackend):
     """Answers every request with `reply`, one whitespace-led word per token."""
 
@@ -195,3 +206,37 @@ class ThreadLoadedLlmBackendDouble(ScriptedLlmBackendDouble):
     def _read_weights(self) -> None:
         self.loading.set()
         self.release.wait(self.load_s)
+
+
+class OtlpReceiverDouble(trace_service_pb2_grpc.TraceServiceServicer):
+    """Keeps every span it receives (a test stand-in for a collector, over the real protocol)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, trace_pb2.Span]] = []  # (service.name, span)
+        self._arrived = asyncio.Event()
+
+    async def Export(self, request, context):  # type: ignore[no-untyped-def]
+        for resource_spans in request.resource_spans:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "?",
+            )
+            for scope in resource_spans.scope_spans:
+                self.spans.extend((service, span) for span in scope.spans)
+        self._arrived.set()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, server)
+
+    async def wait_for(self, names: set[str], timeout_s: float = 10.0) -> None:
+        """Until spans of all `names` have arrived or `timeout_s` passed (the caller asserts)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not names <= {span.name for _, span in self.spans}:
+                    self._arrived.clear()
+                    await self._arrived.wait()

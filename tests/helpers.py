@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -50,3 +51,21 @@ async def read_rest(call: Any) -> list[Any]:
     while (response := await call.read()) is not grpc.aio.EOF:
         responses.append(response)
     return responses
+
+
+async def refusal(call: grpc.aio.StreamStreamCall, timeout_s: float = 10.0) -> grpc.aio.AioRpcError:
+    """The error that ends `call`, a call the server refuses as it opens (limit, still loading).
+
+    The call is read but never written: a write that crosses the server's refusal can replace
+    the server's status with INTERNAL "Internal error from Core" on the client (grpc/grpc#36066),
+    and the server refuses before it reads a request anyway.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await call.read()
+    except grpc.aio.AioRpcError as error:
+        return error
+    except TimeoutError:
+        response = f"nothing in {timeout_s:g} s"
+    call.cancel()
+    raise AssertionError(f"the server did not refuse the call; it answered {response!r}")

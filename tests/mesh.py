@@ -15,7 +15,7 @@ from services.llm.settings import LlmSettings
 from services.tts.backends.piper import PiperTtsBackend
 from services.tts.servicer import TtsService
 from services.tts.settings import TtsSettings
-from tests.conftest import running
+from tests.servers import running
 
 
 @asynccontextmanager

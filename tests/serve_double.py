@@ -14,8 +14,12 @@ from services.runtime.server import MeshServer
 from services.runtime.service import MeshService
 from services.runtime.settings import add_settings_flags, settings_from_flags
 from services.serve import SERVICES
-from tests.conftest import REPLY
-from tests.doubles import CountingAsrBackendDouble, ScriptedLlmBackendDouble, ToneTtsBackendDouble
+from tests.doubles import (
+    REPLY,
+    CountingAsrBackendDouble,
+    ScriptedLlmBackendDouble,
+    ToneTtsBackendDouble,
+)
 
 DOUBLES = {
     "asr": CountingAsrBackendDouble,

@@ -34,8 +34,8 @@ from services.asr.settings import AsrSettings
 from services.runtime.audio import float_to_pcm16
 from services.runtime.errors import Unavailable
 from services.runtime.streams import StreamQueue
-from tests.conftest import channel_to, running
 from tests.helpers import frames, read_all
+from tests.servers import channel_to, running
 
 pytest.importorskip("nemo.collections.asr")
 
@@ -43,7 +43,11 @@ import torch
 from omegaconf import OmegaConf
 
 from services.asr.backends import parakeet_batcher
-from services.asr.backends.parakeet import ParakeetAsrBackend
+from services.asr.backends.parakeet import (
+    ParakeetAsrBackend,
+    cuda_graphs_wanted,
+    greedy_decoding,
+)
 from services.asr.backends.parakeet_batcher import Step, StepBatcher
 from services.asr.backends.parakeet_stream import Chunk, IncrementalFeatures
 
@@ -438,3 +442,83 @@ async def test_closing_the_batcher_fails_waiting_streams_instead_of_hanging(monk
     finally:
         forward.release.set()
         batcher.executor.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("setting", "capability", "graphs"),
+    [
+        ("auto", None, True),  # the CPU: NeMo's default decoder (it runs no graphs there)
+        ("auto", (8, 9), True),  # Ada
+        ("auto", (9, 0), True),  # Hopper
+        ("auto", (10, 0), False),  # Blackwell B200
+        ("auto", (12, 0), False),  # RTX 5090
+        ("auto", (12, 1), False),  # DGX Spark
+        ("on", (12, 1), True),
+        ("off", (9, 0), False),
+        ("off", None, False),
+    ],
+)
+def test_greedy_cuda_graphs_auto_is_off_on_blackwell_only(setting, capability, graphs):
+    assert cuda_graphs_wanted(setting, capability) is graphs
+
+
+def test_the_greedy_cuda_graphs_setting_reaches_the_backend():
+    settings = AsrSettings(backend="nemo", greedy_cuda_graphs="off")
+    assert ParakeetAsrBackend.from_settings(settings).greedy_cuda_graphs == "off"
+    assert AsrSettings(backend="nemo").greedy_cuda_graphs == "auto"
+    with pytest.raises(ValueError, match="greedy_cuda_graphs"):
+        AsrSettings(backend="nemo", greedy_cuda_graphs="maybe")
+
+
+def greedy_config(model: Any) -> tuple[str, bool, bool]:
+    decoding = model.cfg.decoding
+    return (
+        str(decoding.strategy),
+        bool(decoding.greedy.loop_labels),
+        bool(decoding.greedy.use_cuda_graph_decoder),
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_without_cuda_graphs_the_decoder_is_the_seeds_and_streams_the_same_tokens(tiny_model):
+    from nemo.collections.asr.parts.submodules.rnnt_greedy_decoding import (
+        GreedyBatchedRNNTInfer,
+        GreedyRNNTInfer,
+    )
+
+    clips = [audio_of(seed, 1.0 + 0.3 * seed) for seed in range(15, 18)]
+    backend = await loaded(tiny_model, 1)  # "auto" on the CPU: NeMo's default decoder
+    try:
+        assert greedy_config(tiny_model) == ("greedy_batch", True, True)
+        inner = tiny_model.decoding.decoding
+        assert isinstance(inner, GreedyBatchedRNNTInfer)
+        assert (inner.loop_labels, inner.use_cuda_graph_decoder) == (True, True)
+        expected = [(await recognize(backend, clip, piece=320))[0].text for clip in clips]
+    finally:
+        await backend.aclose()
+    assert all(len(text) > 5 for text in expected), "the tiny model should emit tokens"
+
+    backend = ParakeetAsrBackend(
+        "tiny.nemo", right_context=1, device="cpu", greedy_cuda_graphs="off", asr_model=tiny_model
+    )
+    await backend.load()
+    try:
+        assert greedy_config(tiny_model) == ("greedy", False, False)
+        assert isinstance(tiny_model.decoding.decoding, GreedyRNNTInfer)
+        alone = [(await recognize(backend, clip, piece=320))[0].text for clip in clips]
+        assert alone == expected
+        assert backend._batcher is not None
+        batches: list[int] = []
+        forward = backend._batcher.forward
+
+        def counting(group: list[Any]) -> None:
+            batches.append(len(group))
+            forward(group)
+
+        backend._batcher.forward = counting
+        together = await asyncio.gather(*(recognize(backend, c, piece=320) for c in clips))
+        assert [answers[0].text for answers in together] == expected
+        assert max(batches) > 1, "the per-stream decoder also decodes batched steps"
+    finally:
+        await backend.aclose()
+        tiny_model.change_decoding_strategy(greedy_decoding(tiny_model.cfg.decoding, True))

@@ -9,31 +9,18 @@ import grpc
 import pytest
 
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc
-from tests.conftest import channel_to
-from tests.doubles import CountingAsrBackendDouble
-from tests.helpers import field_violation, frames, read_all, read_rest, silence_pcm, tone_pcm
-
-Req = asr_pb2.StreamingRecognizeRequest
+from services.asr.servicer import AsrService
+from services.asr.settings import AsrSettings
+from tests.asr_messages import Req, audio, finalize, transcripts
+from tests.asr_messages import config as asr_config
+from tests.doubles import CountingAsrBackendDouble, LoadGate
+from tests.helpers import field_violation, read_all, read_rest, refusal, silence_pcm, tone_pcm
+from tests.servers import channel_to, running
 
 
 def config(rate: int = 16000, interim: bool = True, language: str = "") -> Req:
-    return Req(
-        config=asr_pb2.RecognitionConfig(
-            sample_rate_hz=rate, interim_results=interim, language=language
-        )
-    )
-
-
-def finalize(utterance_id: str, soft: bool = False) -> Req:
-    return Req(finalize=asr_pb2.Finalize(utterance_id=utterance_id, soft=soft))
-
-
-def audio(pcm: bytes, rate: int = 16000) -> list[Req]:
-    return [Req(audio=chunk) for chunk in frames(pcm, rate)]
-
-
-def transcripts(responses: list[asr_pb2.StreamingRecognizeResponse]) -> list[asr_pb2.Transcript]:
-    return [r.transcript for r in responses if r.WhichOneof("response") == "transcript"]
+    """A config with interim results on unless asked (the protocol tests check them)."""
+    return asr_config(rate, interim, language)
 
 
 async def test_ready_then_interims_then_one_final_per_finalize(asr_stub):
@@ -224,35 +211,27 @@ async def test_cancel_midway_frees_the_stream_and_spares_the_others(
     assert asr_backend.closed_streams == asr_backend.open_streams == 2
 
 
-async def test_streams_over_the_limit_get_resource_exhausted(asr_stub):
+async def test_streams_over_the_limit_get_resource_exhausted(asr_server, asr_stub):
     calls = []
     for _ in range(4):  # the fixture's max_streams
         call = asr_stub.StreamingRecognize()
         await call.write(config())
         await call.read()
         calls.append(call)
-    extra = asr_stub.StreamingRecognize(iter([config()]))
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await read_all(extra)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "max-streams" in caught.value.details()
+    assert asr_server.service.limiter.active == 4
+    refused = await refusal(asr_stub.StreamingRecognize())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max-streams" in refused.details()
     for call in calls:
         call.cancel()
 
 
 async def test_unavailable_while_the_model_loads():
-    from services.asr.servicer import AsrService
-    from services.asr.settings import AsrSettings
-    from tests.conftest import running
-    from tests.doubles import LoadGate
-
     gate = LoadGate(open_at_start=False)
     service = AsrService(AsrSettings(port=0), CountingAsrBackendDouble(gate))
     async with running(service, wait=False) as server, channel_to(server) as channel:
         stub = asr_pb2_grpc.AsrServiceStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await read_all(stub.StreamingRecognize(iter([config()])))
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (await refusal(stub.StreamingRecognize())).code() == grpc.StatusCode.UNAVAILABLE
         gate.event.set()
         await server.wait_loaded()
         responses = await read_all(stub.StreamingRecognize(iter([config()])))

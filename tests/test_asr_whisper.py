@@ -32,35 +32,18 @@ from services.asr.settings import AsrSettings
 from services.runtime.audio import float_to_pcm16, pcm16_to_float
 from services.runtime.server import MeshServer
 from services.runtime.streams import StreamQueue
-from tests.conftest import channel_to, running
-from tests.helpers import frames, read_all, silence_pcm
+from tests.asr_messages import Req, audio, config, finalize, transcripts
+from tests.helpers import read_all, silence_pcm
+from tests.servers import channel_to, running
 from tests.speech import speech_pcm, wer
 
 pytestmark = pytest.mark.slow
-
-Req = asr_pb2.StreamingRecognizeRequest
 
 BOOK = "Please book a table for two at seven tonight."
 WEATHER = "What is the weather like in Paris tomorrow morning?"
 LIGHTS = "Turn off the lights in the kitchen."
 # tiny.en hears most of these word for word; the bound leaves room for one slip per sentence.
 MAX_WER = 0.2
-
-
-def config(rate: int = 16000, interim: bool = False) -> Req:
-    return Req(config=asr_pb2.RecognitionConfig(sample_rate_hz=rate, interim_results=interim))
-
-
-def finalize(utterance_id: str, soft: bool = False) -> Req:
-    return Req(finalize=asr_pb2.Finalize(utterance_id=utterance_id, soft=soft))
-
-
-def audio(pcm: bytes, rate: int = 16000) -> list[Req]:
-    return [Req(audio=chunk) for chunk in frames(pcm, rate)]
-
-
-def transcripts(responses: list[asr_pb2.StreamingRecognizeResponse]) -> list[asr_pb2.Transcript]:
-    return [r.transcript for r in responses if r.WhichOneof("response") == "transcript"]
 
 
 def finals(responses: list[asr_pb2.StreamingRecognizeResponse]) -> list[asr_pb2.Transcript]:

@@ -16,40 +16,38 @@ import pytest
 
 from bots.wav_transport import write_wav
 from services.runtime import trace_types as names
+from tests.servers import ROOT, ServerProcess, start_serve_double
 from tests.speech import speech_pcm
-from tests.test_tracing import ROOT, _start, receiver  # noqa: F401  (the receiver fixture)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-async def test_a_bot_turn_is_one_trace_from_pipecat_turn_to_server_spans(receiver, tmp_path):  # noqa: F811
-    double, port = receiver
+async def test_a_bot_turn_is_one_trace_from_pipecat_turn_to_server_spans(receiver, tmp_path):
+    double, collector = receiver
 
     def attribute(span: object, key: str) -> float:
         return next(a.value.double_value for a in span.attributes if a.key == key)
 
     otel = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{collector}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
-    processes = {}
+    processes: dict[str, ServerProcess] = {}
     try:
         for service in ("asr", "tts", "llm"):
             env = {**os.environ, **otel, "OTEL_SERVICE_NAME": f"test-{service}"}
-            processes[service] = await _start(service, env)
+            processes[service] = await start_serve_double(service, env=env)
         question = tmp_path / "question.wav"
         write_wav(question, bytes(8000) + speech_pcm("What time is it?"), 16000)
         env = {
             **os.environ,
             **otel,
             "OTEL_SERVICE_NAME": "test-bot",
-            **{
-                f"NVIDIA_{s.upper()}_URL": f"127.0.0.1:{processes[s][1]}"
-                for s in ("asr", "tts", "llm")
-            },
+            **{f"NVIDIA_{s.upper()}_URL": process.target for s, process in processes.items()},
         }
-        await asyncio.sleep(1.0)  # the doubles "load": let health turn SERVING
+        for process in processes.values():
+            await process.wait_serving()
         talk = await asyncio.to_thread(
             subprocess.run,
             [
@@ -82,10 +80,7 @@ async def test_a_bot_turn_is_one_trace_from_pipecat_turn_to_server_spans(receive
             names.SPAN_LLM_REQUEST,
             names.SPAN_TTS_SEGMENT,
         }
-        for _ in range(100):
-            if wanted <= {span.name for _, span in double.spans}:
-                break
-            await asyncio.sleep(0.1)
+        await double.wait_for(wanted)
         by_id = {span.span_id: (service, span) for service, span in double.spans}
         named = {}
         for service, span in double.spans:
@@ -132,12 +127,7 @@ async def test_a_bot_turn_is_one_trace_from_pipecat_turn_to_server_spans(receive
             client_ttfb = attribute(client, names.ATTR_TTFB_MS)
             assert 0 <= attribute(server, names.ATTR_TTFB_MS) <= client_ttfb + 5
     finally:
-        for process, _ in processes.values():
-            process.terminate()
-        for process, _ in processes.values():
-            process.wait(15)
-            assert process.stderr is not None
-            process.stderr.close()
+        await asyncio.gather(*(process.stop() for process in processes.values()))
 
 
 def test_bot_tracing_is_off_without_otel_variables(monkeypatch):

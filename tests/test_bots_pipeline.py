@@ -174,7 +174,7 @@ async def test_user_speech_interrupts_the_bot_and_the_next_turn_works(mesh):
     async with Conversation(mesh, config, speech_pcm(STORY)) as talk:
         await talk.until(lambda: talk.log.first(BotStartedSpeakingFrame) is not None, 90)
         await asyncio.sleep(1.0)  # the user hears a second of the story, then speaks over it
-        talk.transport.input().say(speech_pcm(FOLLOW_UP))
+        await talk.transport.input().say(speech_pcm(FOLLOW_UP))
         said_at = time.perf_counter()
 
         def interruption() -> Seen | None:

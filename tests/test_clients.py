@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,8 @@ from services.asr.settings import AsrSettings
 from services.llm.settings import LlmSettings
 from services.runtime import errors
 from services.tts.settings import TtsSettings
-from tests.conftest import running
 from tests.doubles import CountingAsrBackendDouble, LoadGate
+from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,9 +100,7 @@ async def test_wait_serving_times_out_naming_the_target():
 
 
 async def test_wait_serving_waits_for_a_server_that_is_not_listening_yet():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     waiting = asyncio.create_task(wait_serving(f"127.0.0.1:{port}", timeout_s=10))
     await asyncio.sleep(0.3)  # let it find nobody there first
     assert not waiting.done()

@@ -229,3 +229,29 @@ def test_the_images_copy_every_package_the_wheel_installs():
         for package in packages:
             top = package.split("/")[0]
             assert re.search(rf"^COPY {top} {top}$", text, re.MULTILINE), (dockerfile, top)
+
+
+def _version(tag: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", tag))
+
+
+@pytest.mark.parametrize("env", ["example", "defaults"])
+def test_vllm_serves_nemotron_3_nano_with_its_reasoning_parser(env, env_example):
+    values = env_example if env == "example" else {}
+    vllm = yaml.safe_load(interpolated(COMPOSE.read_text(), values))["services"]["vllm"]
+    image, tag = vllm["image"].rsplit(":", 1)
+    assert image == "vllm/vllm-openai"
+    # v0.17.1: the first release with the built-in nemotron_v3 parser (NemotronH since v0.11.2).
+    assert _version(tag) >= (0, 17, 1), tag
+    command = vllm["command"]
+    assert command[command.index("--reasoning-parser") + 1] == "nemotron_v3"
+    assert "--trust-remote-code" in command
+
+
+def test_the_in_process_vllm_extra_runs_nemotron_3_nano():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (requirement,) = extras["optional-dependencies"]["vllm"]
+    lower = re.fullmatch(r"vllm>=([\d.]+)", requirement)
+    assert lower and _version(lower.group(1)) >= (0, 12), requirement

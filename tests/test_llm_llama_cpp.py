@@ -18,8 +18,8 @@ from services.llm.backends.llama_cpp import LlamaCppLlmBackend, default_model_pa
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.runtime.server import MeshServer
-from tests.conftest import channel_to, running
 from tests.helpers import field_violation, read_all, read_rest
+from tests.servers import channel_to, running
 
 pytestmark = pytest.mark.slow
 

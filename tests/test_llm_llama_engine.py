@@ -10,53 +10,31 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
 from services.llm.backend import Sampling
 from services.llm.backends import llama_probe
 from services.llm.backends.llama_cpp import default_model_path
 from services.llm.backends.llama_probe import HostUnsupported, choose_extra_buffers
+from tests.servers import start_server_process
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def _serve_and_ask(extra_buffers: str, cache: Path) -> str:
     """Start a real LLM server, ask one question, stop it; returns its log."""
-    port = _free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-    command = [sys.executable, "-m", "services.llm", "--port", str(port), "--slots", "2"]
+    command = [sys.executable, "-m", "services.llm", "--port", "0", "--slots", "2"]
     command += ["--extra-buffers", extra_buffers, "--threads", "2", "--context-window", "1024"]
-    process = await asyncio.create_subprocess_exec(
-        *command, env=env, stderr=asyncio.subprocess.PIPE
-    )
+    server = await start_server_process(command, env, timeout_s=90)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 90
-            while True:
-                assert process.returncode is None, f"the server exited with {process.returncode}"
-                assert time.monotonic() < deadline, "the server did not become ready"
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.3)
+        await server.wait_serving(timeout_s=90)
+        async with grpc.aio.insecure_channel(server.target) as channel:
             start = llm_pb2.StartGeneration(
                 messages=[llm_pb2.ChatMessage(role="user", content="Say hello.")],
                 sampling=llm_pb2.SamplingParams(temperature=0.0, max_tokens=8),
@@ -66,11 +44,8 @@ async def _serve_and_ask(extra_buffers: str, cache: Path) -> str:
             responses = [r async for r in calls]
             assert responses[-1].done.usage.completion_tokens >= 1
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        _out, err = await asyncio.wait_for(process.communicate(), 30)
-    log = err.decode()
-    assert process.returncode == 0, log[-2000:]
+        log = await server.stop(grace_s=30)
+    assert server.process.returncode == 0, log[-2000:]
     return log
 
 

@@ -12,9 +12,9 @@ from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
 from services.llm.backend import GenerationEvent, GenerationRequest, TokenText
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
-from tests.conftest import REPLY, channel_to, running
-from tests.doubles import ScriptedLlmBackendDouble
+from tests.doubles import REPLY, ScriptedLlmBackendDouble
 from tests.helpers import field_violation, read_all, read_rest
+from tests.servers import channel_to, running
 
 Req = llm_pb2.GenerateChunksRequest
 

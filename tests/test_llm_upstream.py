@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,8 +30,8 @@ from services.llm.generation import GenerationStats
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.runtime.server import MeshServer
-from tests.conftest import channel_to, running
 from tests.helpers import read_all, read_rest
+from tests.servers import channel_to, free_port, running
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +39,6 @@ Req = llm_pb2.GenerateChunksRequest
 CANCEL = Req(cancel=llm_pb2.CancelGeneration())
 QUESTION = [("system", "Answer briefly."), ("user", "Tell me about the moon.")]
 ENDLESS = llm_pb2.SamplingParams(temperature=2.0, top_k=0, top_p=1.0, max_tokens=400, seed=7)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_upstream(port: int) -> subprocess.Popen[bytes]:

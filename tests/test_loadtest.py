@@ -19,8 +19,13 @@ from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.tts.servicer import TtsService
 from services.tts.settings import TtsSettings
-from tests.conftest import REPLY, running
-from tests.doubles import CountingAsrBackendDouble, ScriptedLlmBackendDouble, ToneTtsBackendDouble
+from tests.doubles import (
+    REPLY,
+    CountingAsrBackendDouble,
+    ScriptedLlmBackendDouble,
+    ToneTtsBackendDouble,
+)
+from tests.servers import running
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,8 +24,8 @@ from services.llm.backends.vllm import VllmLlmBackend
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.runtime.errors import rpc_errors
-from tests.conftest import REPLY, channel_to, running
-from tests.doubles import ThreadLoadedLlmBackendDouble
+from tests.doubles import REPLY, ThreadLoadedLlmBackendDouble
+from tests.servers import channel_to, running
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

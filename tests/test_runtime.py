@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,11 +23,10 @@ from services.asr.settings import AsrSettings
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.runtime.streams import StreamQueue
-from tests.conftest import REPLY, channel_to, running
-from tests.doubles import CountingAsrBackendDouble, LoadGate, ScriptedLlmBackendDouble
+from tests.doubles import REPLY, CountingAsrBackendDouble, LoadGate, ScriptedLlmBackendDouble
 from tests.helpers import read_all, read_rest
+from tests.servers import ROOT, channel_to, running, start_serve_double
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -121,30 +118,12 @@ async def _rest(call: grpc.aio.StreamStreamCall) -> AsyncIterator[llm_pb2.Genera
         yield response
 
 
-def _start_double_server(service: str, *flags: str) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.serve_double", service, "--port", "0", *flags],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        match = re.search(r"listening on [\d.]+:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-    raise AssertionError("the server did not report its port")
-
-
 @pytest.mark.slow
 async def test_sigterm_lets_an_open_stream_finish_then_exits_cleanly():
-    process, port = await asyncio.to_thread(_start_double_server, "tts", "--shutdown-grace-s", "5")
+    server = await start_serve_double("tts", "--shutdown-grace-s", "5")
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for _ in range(100):
-                if await health_of(channel) == SERVING:
-                    break
-                await asyncio.sleep(0.05)
+        await server.wait_serving()
+        async with grpc.aio.insecure_channel(server.target) as channel:
             tts = tts_pb2_grpc.TtsServiceStub(channel)
             requests = [
                 tts_pb2.SynthesizeRequest(config=tts_pb2.SynthesisConfig()),
@@ -155,15 +134,12 @@ async def test_sigterm_lets_an_open_stream_finish_then_exits_cleanly():
             ]
             call = tts.Synthesize(iter(requests))
             await call.read()
-            process.send_signal(signal.SIGTERM)
+            server.process.send_signal(signal.SIGTERM)
             responses = await read_rest(call)
         assert responses[-1].WhichOneof("response") == "done"
-        assert await asyncio.to_thread(process.wait, 15) == 0
+        assert await asyncio.wait_for(server.process.wait(), 15) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-        assert process.stderr is not None
-        process.stderr.close()
+        await server.stop()
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

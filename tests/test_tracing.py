@@ -14,14 +14,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.propagate import inject
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -31,58 +29,7 @@ from nemotron_speech.trace_report import spans_from_otlp_json, summary, turns_of
 from services.runtime import telemetry as telemetry_module
 from services.runtime import trace_types as names
 from tests.helpers import frames, tone_pcm
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class OtlpReceiverDouble(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every span it receives (a test stand-in for a collector, over the real protocol)."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []  # (service.name, Span proto)
-
-    async def Export(self, request, context):
-        for resource_spans in request.resource_spans:
-            service = next(
-                (
-                    a.value.string_value
-                    for a in resource_spans.resource.attributes
-                    if a.key == "service.name"
-                ),
-                "?",
-            )
-            for scope in resource_spans.scope_spans:
-                self.spans.extend((service, span) for span in scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
-async def _start(service: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
-    def start() -> tuple[subprocess.Popen[str], int]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.serve_double", service, "--port", "0"],
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stderr is not None
-        for line in process.stderr:
-            if match := re.search(r"listening on [\d.]+:(\d+)", line):
-                return process, int(match.group(1))
-        raise AssertionError(f"{service} did not start")
-
-    return await asyncio.to_thread(start)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[OtlpReceiverDouble, int]]:
-    double = OtlpReceiverDouble()
-    server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(double, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield double, port
-    await server.stop(0)
+from tests.servers import ROOT, ServerProcess, start_serve_double
 
 
 def _carrier(span: trace.Span) -> dict[str, str]:
@@ -94,22 +41,23 @@ def _carrier(span: trace.Span) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_one_turn_is_one_trace_across_three_processes(receiver, tmp_path):
-    double, port = receiver
+    double, collector = receiver
     recorded = tmp_path / "trace.jsonl"
-    processes = {}
+    processes: dict[str, ServerProcess] = {}
     try:
         for service in ("asr", "tts", "llm"):
             env = {
                 **os.environ,
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{collector}",
                 "OTEL_EXPORTER_OTLP_INSECURE": "true",
                 "OTEL_SERVICE_NAME": f"test-{service}",
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
                 "NEMOTRON_TRACE_FILE": str(recorded),
             }
-            processes[service] = await _start(service, env)
-        targets = {s: f"127.0.0.1:{port_}" for s, (_, port_) in processes.items()}
-        await asyncio.sleep(1.0)  # models "load" (doubles): let health turn SERVING
+            processes[service] = await start_serve_double(service, env=env)
+        targets = {service: process.target for service, process in processes.items()}
+        for process in processes.values():
+            await process.wait_serving()
 
         bot_spans = InMemorySpanExporter()
         provider = TracerProvider()
@@ -180,10 +128,7 @@ async def test_one_turn_is_one_trace_across_three_processes(receiver, tmp_path):
             names.SPAN_TTS_SEGMENT,
             names.SPAN_LLM_CHUNK,
         }
-        for _ in range(100):
-            if wanted <= {span.name for _, span in double.spans}:
-                break
-            await asyncio.sleep(0.1)
+        await double.wait_for(wanted)
         server_spans = {span.name: (service, span) for service, span in double.spans}
         assert wanted <= set(server_spans)
 
@@ -226,12 +171,7 @@ async def test_one_turn_is_one_trace_across_three_processes(receiver, tmp_path):
         assert figures["asr"]["p50"] == pytest.approx(attribute(finalize, names.ATTR_TTFB_MS))
         assert figures["end_to_end"]["p50"] > figures["tts"]["p50"]
     finally:
-        for process, _ in processes.values():
-            process.terminate()
-        for process, _ in processes.values():
-            process.wait(15)
-            assert process.stderr is not None
-            process.stderr.close()
+        await asyncio.gather(*(process.stop() for process in processes.values()))
 
 
 def test_tracing_off_creates_no_provider_and_records_nothing(monkeypatch):
@@ -302,17 +242,15 @@ def test_trace_report_reads_a_recorded_file_and_draws_a_timeline(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_prometheus_endpoint_serves_the_ttfb_histograms():
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        metrics_port = sock.getsockname()[1]
-    env = {**os.environ, "NEMOTRON_PROMETHEUS_PORT": str(metrics_port)}
-    process, port = await _start("asr", env)
+    env = {**os.environ, "NEMOTRON_PROMETHEUS_PORT": "0"}
+    server = await start_serve_double("asr", env=env)
     try:
-        await asyncio.sleep(0.5)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        metrics = re.search(r"Prometheus metrics on ([\d.]+:\d+)/metrics", server.head)
+        assert metrics is not None, server.head
+        await server.wait_serving()
+        async with grpc.aio.insecure_channel(server.target) as channel:
             requests = [
                 asr_pb2.StreamingRecognizeRequest(
                     config=asr_pb2.RecognitionConfig(sample_rate_hz=16000)
@@ -326,7 +264,7 @@ async def test_prometheus_endpoint_serves_the_ttfb_histograms():
             _ = [r async for r in call]
 
         def scrape() -> str:
-            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            url = f"http://{metrics.group(1)}/metrics"
             with urllib.request.urlopen(url, timeout=10) as reply:
                 return str(reply.read().decode())
 
@@ -335,7 +273,4 @@ async def test_prometheus_endpoint_serves_the_ttfb_histograms():
         count = re.search(r"nemotron_asr_ttfb_milliseconds_count\{[^}]*\} (\d+)", text)
         assert count is not None and int(count.group(1)) == 1, text[-2000:]
     finally:
-        process.terminate()
-        process.wait(15)
-        assert process.stderr is not None
-        process.stderr.close()
+        await server.stop()

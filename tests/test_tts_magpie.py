@@ -46,8 +46,8 @@ from services.tts.backends.magpie import (  # noqa: E402
 )
 from services.tts.servicer import TtsService  # noqa: E402
 from services.tts.settings import TtsSettings  # noqa: E402
-from tests.conftest import channel_to, running  # noqa: E402
 from tests.helpers import read_all, read_rest  # noqa: E402
+from tests.servers import channel_to, running  # noqa: E402
 
 Req = tts_pb2.SynthesizeRequest
 BATCH = tts_pb2.SYNTHESIS_MODE_BATCH

@@ -16,34 +16,18 @@ from services.tts.backend import SynthesisJob, SynthesisMode
 from services.tts.backends.piper import PiperTtsBackend
 from services.tts.servicer import TtsService
 from services.tts.settings import TtsSettings
-from tests.conftest import channel_to, running
-from tests.helpers import field_violation, read_all, read_rest
+from tests.helpers import field_violation, read_all, read_rest, refusal
+from tests.servers import channel_to, running
+from tests.tts_messages import BATCH, CANCEL, CLOSE, STREAM, config, kinds, text
 
 pytestmark = pytest.mark.slow
 
-Req = tts_pb2.SynthesizeRequest
 Response = tts_pb2.SynthesizeResponse
-STREAM = tts_pb2.SYNTHESIS_MODE_STREAM
-BATCH = tts_pb2.SYNTHESIS_MODE_BATCH
-CLOSE = Req(close=tts_pb2.CloseStream())
-CANCEL = Req(cancel=tts_pb2.CancelStream())
 NATIVE = 22050
 LONG = (
     "The quick brown fox jumps over the lazy dog, and then it runs back to the forest, where it "
     "sleeps under an old oak tree until the sun comes up again. "
 )
-
-
-def config(voice: str = "", rate: int = 0, language: str = "") -> Req:
-    return Req(config=tts_pb2.SynthesisConfig(voice=voice, sample_rate_hz=rate, language=language))
-
-
-def text(segment_id: str, words: str, mode: int = STREAM) -> Req:
-    return Req(text=tts_pb2.TextSegment(segment_id=segment_id, text=words, mode=mode))
-
-
-def kinds(responses: list[Response]) -> list[str]:
-    return [r.WhichOneof("response") for r in responses]
 
 
 def audio_of(responses: list[Response], segment_id: str | None = None) -> np.ndarray:
@@ -313,16 +297,16 @@ async def test_concurrent_streams_share_the_voice_independently(stub):
         assert completes(responses)[0].audio_ms > 1500
 
 
-async def test_a_call_beyond_the_limit_is_resource_exhausted(stub):
+async def test_a_call_beyond_the_limit_is_resource_exhausted(piper_server, stub):
     calls = [stub.Synthesize() for _ in range(3)]
     for call in calls:
         await call.write(config())
         await call.write(text("hold", "Holding the line open."))
         assert (await call.read()).WhichOneof("response") == "stream_created"
-    extra = stub.Synthesize(iter([config(), text("x", "One too many.")]))
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await read_all(extra)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert piper_server.service.limiter.active == 3
+    refused = await refusal(stub.Synthesize())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max-streams" in refused.details()
     for call in calls:
         call.cancel()
 

@@ -9,26 +9,7 @@ import pytest
 
 from nemotron.speech.v1 import tts_pb2
 from tests.helpers import field_violation, read_all, read_rest
-
-Req = tts_pb2.SynthesizeRequest
-STREAM = tts_pb2.SYNTHESIS_MODE_STREAM
-BATCH = tts_pb2.SYNTHESIS_MODE_BATCH
-
-
-def config(voice: str = "", rate: int = 0, language: str = "") -> Req:
-    return Req(config=tts_pb2.SynthesisConfig(voice=voice, sample_rate_hz=rate, language=language))
-
-
-def text(segment_id: str, words: str, mode: int = STREAM) -> Req:
-    return Req(text=tts_pb2.TextSegment(segment_id=segment_id, text=words, mode=mode))
-
-
-CLOSE = Req(close=tts_pb2.CloseStream())
-CANCEL = Req(cancel=tts_pb2.CancelStream())
-
-
-def kinds(responses: list[tts_pb2.SynthesizeResponse]) -> list[str]:
-    return [r.WhichOneof("response") for r in responses]
+from tests.tts_messages import BATCH, CANCEL, CLOSE, Req, config, kinds, text
 
 
 async def test_segments_in_order_with_ids_then_done(tts_stub):

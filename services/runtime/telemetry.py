@@ -118,7 +118,7 @@ def configure_telemetry(
 
 
 def _configure_tracing(telemetry: Telemetry, resource: Any, env: Mapping[str, str]) -> None:
-    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer, filters
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -141,7 +141,12 @@ def _configure_tracing(telemetry: Telemetry, resource: Any, env: Mapping[str, st
 
         provider.add_span_processor(BatchSpanProcessor(OtlpJsonFileExporter(path)))
     trace.set_tracer_provider(provider)
-    GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
+    # Health is not traced: probes would flood the traces, and the instrumentation's stream
+    # wrapper breaks grpcio-health's Watch (a coroutine that writes, not an async generator:
+    # UNKNOWN "'async for' requires an object with __aiter__"), which readiness waits
+    # (clients.serving.wait_serving) are built on.
+    untraced_health = filters.negate(filters.health_check())
+    GrpcAioInstrumentorServer(filter_=untraced_health).instrument()  # type: ignore[no-untyped-call]
     telemetry.enabled = True
     telemetry.tracer = provider.get_tracer("nemotron.speech")
     log.info("tracing on (%s)", exporter_name or "otlp")
@@ -155,7 +160,7 @@ def _configure_metrics(telemetry: Telemetry, resource: Any, port: int) -> None:
 
     from services.runtime import trace_types as names
 
-    start_http_server(port, addr="127.0.0.1")
+    metrics_server, _thread = start_http_server(port, addr="127.0.0.1")
     provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
     metrics.set_meter_provider(provider)
     meter = provider.get_meter("nemotron.speech")
@@ -164,7 +169,8 @@ def _configure_metrics(telemetry: Telemetry, resource: Any, port: int) -> None:
             metric, unit="ms", description="time to first byte of the stage"
         )
     telemetry.enabled = True  # with tracing off, the tracer stays a no-op
-    log.info("Prometheus metrics on 127.0.0.1:%d/metrics", port)
+    # The bound port, which port 0 (any free one) only tells here.
+    log.info("Prometheus metrics on 127.0.0.1:%d/metrics", metrics_server.server_port)
 
 
 def flush_telemetry() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.targets import TARGET_ENV
+from tests.servers import LISTENING, ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+SERVE = [sys.executable, "-m", "nemotron_speech", "serve"]
 
 #: Small settings so that SmolLM2 loads and answers quickly on a CPU.
 SERVER_FLAGS = {
@@ -33,14 +33,6 @@ SERVER_FLAGS = {
     "tts": ["--shutdown-grace-s", "0.5"],
     "llm": ["--shutdown-grace-s", "0.5", "--context-window", "2048", "--slots", "1"],
 }
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -57,6 +49,16 @@ class Child:
         state = "running" if self.process.poll() is None else f"exited {self.process.returncode}"
         body = "\n".join(text.splitlines()[-lines:])
         return f"--- {self.name} ({state}), last {lines} lines of {self.log} ---\n{body}"
+
+    def listening_port(self) -> int | None:
+        """The port the child logged that it listens on (a mesh server), once it has."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        match = LISTENING.search(text)
+        return int(match.group(1)) if match else None
+
+    def listening(self) -> bool:
+        """Whether it has logged its port."""
+        return self.listening_port() is not None
 
     def check_alive(self) -> None:
         """Fail with the log's tail if the child has exited."""
@@ -158,14 +160,18 @@ def mesh_and_bot(logs: Path, bot: str, ready_timeout_s: float = 90.0) -> Iterato
     """The ASR, TTS and LLM servers (CPU backends) and `bot` on free ports, stopped afterwards."""
     processes = Processes(logs)
     try:
+        servers = {
+            stage: processes.start(stage, [*SERVE, stage, "--port", "0", *flags])
+            for stage, flags in SERVER_FLAGS.items()
+        }
         targets: dict[str, str] = {}
-        for stage, flags in SERVER_FLAGS.items():
-            port = free_port()
-            targets[stage] = f"127.0.0.1:{port}"
-            argv = [sys.executable, "-m", "nemotron_speech", "serve", stage, "--port", str(port)]
-            processes.start(stage, [*argv, *flags])
+        for stage, server in servers.items():
+            _wait(server.listening, processes, ready_timeout_s, f"{stage} to listen")
+            targets[stage] = f"127.0.0.1:{server.listening_port()}"
         for stage, target in targets.items():
             _wait(partial(_serving, target), processes, ready_timeout_s, f"{stage} at {target}")
+        # Pipecat's runner serves on the port it is given (the page URL is built from it), so
+        # this one is chosen before the bot starts.
         port = free_port()
         child = processes.start(
             "bot",

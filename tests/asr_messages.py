@@ -1,0 +1,28 @@
+"""StreamingRecognize messages for the ASR tests: request builders and response filters."""
+
+from __future__ import annotations
+
+from nemotron.speech.v1 import asr_pb2
+from tests.helpers import frames
+
+Req = asr_pb2.StreamingRecognizeRequest
+
+
+def config(rate: int = 16000, interim: bool = False, language: str = "") -> Req:
+    return Req(
+        config=asr_pb2.RecognitionConfig(
+            sample_rate_hz=rate, interim_results=interim, language=language
+        )
+    )
+
+
+def finalize(utterance_id: str, soft: bool = False) -> Req:
+    return Req(finalize=asr_pb2.Finalize(utterance_id=utterance_id, soft=soft))
+
+
+def audio(pcm: bytes, rate: int = 16000) -> list[Req]:
+    return [Req(audio=chunk) for chunk in frames(pcm, rate)]
+
+
+def transcripts(responses: list[asr_pb2.StreamingRecognizeResponse]) -> list[asr_pb2.Transcript]:
+    return [r.transcript for r in responses if r.WhichOneof("response") == "transcript"]
