@@ -32,6 +32,8 @@ from services.llm.backend import (
     PromptUsage,
     TokenText,
 )
+from services.llm.backends.pieces import piece_events, text_events
+from services.llm.reasoning import ThinkSplitter
 from services.runtime.audio import FloatAudio
 from services.runtime.streams import StreamQueue
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
@@ -240,3 +242,34 @@ class OtlpReceiverDouble(trace_service_pb2_grpc.TraceServiceServicer):
                 while not names <= {span.name for _, span in self.spans}:
                     self._arrived.clear()
                     await self._arrived.wait()
+
+
+class ThinkingLlmBackendDouble(LlmBackend):
+    """A model that reasons in <think> tags, its tags split across tokens."""
+
+    name = "thinking-double"
+    TOKENS = (
+        "<th",
+        "ink>",
+        "The user",
+        " wants",
+        " a number.",
+        "</thi",
+        "nk>",
+        "\n\nSeven",
+        ". Done.",
+    )
+
+    @property
+    def model_name(self) -> str:
+        return "thinking-double"
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        yield PromptUsage(12)
+        splitter = ThinkSplitter()
+        for token in self.TOKENS:
+            for event in text_events(splitter, token, 1):
+                yield event
+        for event in piece_events(splitter.flush(), 0, splitter.inside):
+            yield event
+        yield Finished(FinishReason.STOP)

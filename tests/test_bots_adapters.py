@@ -30,6 +30,8 @@ from bots.frames import LLMChunkFrame, SegmentCompleteFrame, segment_id_of
 from bots.llm import GrpcChunkedLLMService
 from bots.stt import GrpcSTTService
 from bots.tts import GrpcTTSService
+from services.llm.servicer import LlmService
+from services.llm.settings import LlmSettings
 from services.tts.backend import SynthesisMode
 from tests.adapter_bench import (
     RATE,
@@ -54,7 +56,7 @@ from tests.adapter_doubles import (
     tts_service,
     writers_running,
 )
-from tests.doubles import ToneTtsBackendDouble
+from tests.doubles import ThinkingLlmBackendDouble, ToneTtsBackendDouble
 from tests.helpers import silence_pcm, tone_pcm
 from tests.servers import free_port, running, serving_double, target_of
 
@@ -594,3 +596,17 @@ async def test_stt_a_failed_writer_ends_its_call_and_is_reported():
     assert "ASR call failed" in error and "the transport dropped a write" in error
     assert any("unexpected error in the ASR call" in line for line in logs)
     assert deaf.opened == 1
+
+
+async def test_llm_never_passes_a_models_reasoning_on_to_be_spoken():
+    # A model that reasons whatever it is asked: only its answer may reach TTS.
+    port = free_port()
+    settings = LlmSettings(port=port, max_streams=4, shutdown_grace_s=0, continue_timeout_s=5)
+    llm = GrpcChunkedLLMService(
+        target=f"127.0.0.1:{port}", wait_for_continue=False, chunk_timeout_s=2
+    )
+    async with running(LlmService(settings, ThinkingLlmBackendDouble())), bench(llm) as b:
+        await b.send(llm_context())
+        await b.down.wait_for(LLMFullResponseEndFrame, 5)
+    assert "".join(f.text for f in b.down.all(LLMChunkFrame)) == "Seven. Done."
+    assert b.errors() == []

@@ -10,18 +10,14 @@ import pytest
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
 from services.llm.backend import (
     ChatTurn,
-    Finished,
-    FinishReason,
-    GenerationEvent,
     GenerationRequest,
-    LlmBackend,
-    PromptUsage,
 )
 from services.llm.backends.llama_cpp import LlamaCppLlmBackend
 from services.llm.backends.pieces import piece_events, text_events
 from services.llm.reasoning import Piece, Reasoning, ThinkSplitter
 from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
+from tests.doubles import ThinkingLlmBackendDouble
 from tests.helpers import field_violation, read_all
 from tests.servers import channel_to, running
 
@@ -73,37 +69,6 @@ def test_tokens_count_with_their_first_piece_and_tag_tokens_with_the_side_they_b
         ("TokenText", "b", 0),
     ]
     assert piece_events([], 2, inside=True)[0].tokens == 2
-
-
-class ThinkingLlmBackendDouble(LlmBackend):
-    """A model that reasons in <think> tags, its tags split across tokens."""
-
-    name = "thinking-double"
-    TOKENS = (
-        "<th",
-        "ink>",
-        "The user",
-        " wants",
-        " a number.",
-        "</thi",
-        "nk>",
-        "\n\nSeven",
-        ". Done.",
-    )
-
-    @property
-    def model_name(self) -> str:
-        return "thinking-double"
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        yield PromptUsage(12)
-        splitter = ThinkSplitter()
-        for token in self.TOKENS:
-            for event in text_events(splitter, token, 1):
-                yield event
-        for event in piece_events(splitter.flush(), 0, splitter.inside):
-            yield event
-        yield Finished(FinishReason.STOP)
 
 
 def start(mode: int = llm_pb2.REASONING_MODE_ON, budget: int = 0) -> Req:
