@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -18,8 +17,13 @@ from services.llm.servicer import LlmService
 from services.llm.settings import LlmSettings
 from services.tts.servicer import TtsService
 from services.tts.settings import TtsSettings
-from tests.conftest import REPLY, running
-from tests.doubles import CountingAsrBackendDouble, ScriptedLlmBackendDouble, ToneTtsBackendDouble
+from tests.doubles import (
+    REPLY,
+    CountingAsrBackendDouble,
+    ScriptedLlmBackendDouble,
+    ToneTtsBackendDouble,
+)
+from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_DOCKER = ROOT / "tests" / "fake_docker"
@@ -236,12 +240,6 @@ async def test_start_without_docker_explains(tmp_path):
     assert code == 2 and "docker is not installed" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_status_and_health_against_real_servers():
     asr = AsrService(AsrSettings(port=0), CountingAsrBackendDouble())
     tts = TtsService(TtsSettings(port=0), ToneTtsBackendDouble())
@@ -263,9 +261,9 @@ async def test_status_and_health_against_real_servers():
 
 async def test_status_and_health_report_servers_that_are_down():
     env = {
-        "NVIDIA_ASR_URL": f"127.0.0.1:{_free_port()}",
-        "NVIDIA_TTS_URL": f"127.0.0.1:{_free_port()}",
-        "NVIDIA_LLM_URL": f"127.0.0.1:{_free_port()}",
+        "NVIDIA_ASR_URL": f"127.0.0.1:{free_port()}",
+        "NVIDIA_TTS_URL": f"127.0.0.1:{free_port()}",
+        "NVIDIA_LLM_URL": f"127.0.0.1:{free_port()}",
     }
     code, out, _ = await cli("stack", "status", "--timeout", "0.5", env=env)
     assert code == 1
