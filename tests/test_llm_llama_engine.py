@@ -186,3 +186,26 @@ async def test_ending_a_request_while_its_prompt_is_read_frees_the_sequence(engi
     assert isinstance(await asyncio.wait_for(engine.next_token(0), 10), int)
     engine.end(0)
     assert 0 < len(engine.cached_tokens(0)) <= len(short) + 1
+
+
+async def test_a_sequence_that_fills_its_window_fails_alone(engine):
+    from services.runtime.errors import ResourceExhausted
+
+    words = 400
+    while len(_prompt(engine, " ".join(["word"] * words))) < engine.window - 3:
+        words += 10
+    prompt = _prompt(engine, " ".join(["word"] * words))[: engine.window - 2]
+    await engine.begin(0, prompt, GREEDY)
+    await engine.begin(1, _prompt(engine, "Hi."), GREEDY)
+    for _ in range(5):
+        full, other = await asyncio.gather(
+            engine.next_token(0), engine.next_token(1), return_exceptions=True
+        )
+        assert isinstance(other, int)
+        if isinstance(full, BaseException):
+            break
+    assert isinstance(full, ResourceExhausted) and "window" in str(full)
+    # The other conversation goes on.
+    assert isinstance(await asyncio.wait_for(engine.next_token(1), 10), int)
+    engine.end(0)
+    engine.end(1)

@@ -284,11 +284,9 @@ async def test_done_waits_for_the_last_continue_so_every_continue_is_valid(llm_s
     assert await call.read() is grpc.aio.EOF
 
 
-async def test_non_utf8_text_is_invalid_argument(llm_server):
-    # Proto3 strings must hold UTF-8; a client that writes raw bytes can still send other bytes.
-    valid = start(messages=[("user", "XXXX")]).SerializeToString()
-    request = valid.replace(b"XXXX", b"\xff\xfe\xfd\xfc")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{llm_server.port}") as channel:
+async def _refused_raw(server, request: bytes) -> pytest.ExceptionInfo[grpc.aio.AioRpcError]:
+    """Send `request` as raw bytes (what a generated stub would not let through); the error."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         method = channel.stream_stream(
             "/nemotron.speech.v1.LlmService/GenerateChunks",
             request_serializer=lambda raw: raw,
@@ -296,6 +294,14 @@ async def test_non_utf8_text_is_invalid_argument(llm_server):
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await read_all(method(iter([request])))
+    return caught
+
+
+async def test_non_utf8_text_is_invalid_argument(llm_server):
+    # Proto3 strings must hold UTF-8; a client that writes raw bytes can still send other bytes.
+    valid = start(messages=[("user", "XXXX")]).SerializeToString()
+    request = valid.replace(b"XXXX", b"\xff\xfe\xfd\xfc")
+    caught = await _refused_raw(llm_server, request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UTF-8" in caught.value.details()
 
@@ -322,13 +328,6 @@ async def test_a_first_request_from_a_newer_client_is_invalid_argument(llm_serve
     # Field 15 is not in this server's oneof: to it the message sets no field, like an empty one.
     unknown_field = bytes([15 << 3 | 0, 0x01])  # field 15, varint, value 1
     assert not Req.FromString(unknown_field).WhichOneof("request")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{llm_server.port}") as channel:
-        method = channel.stream_stream(
-            "/nemotron.speech.v1.LlmService/GenerateChunks",
-            request_serializer=lambda raw: raw,
-            response_deserializer=llm_pb2.GenerateChunksResponse.FromString,
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await read_all(method(iter([unknown_field])))
+    caught = await _refused_raw(llm_server, unknown_field)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violation(caught.value) == "request"

@@ -66,7 +66,11 @@ class _FakeEngine:
         self.shut_down = threading.Event()
 
     async def get_tokenizer(self) -> Any:
-        return SimpleNamespace(apply_chat_template=lambda messages, **_: [1] * (8 * len(messages)))
+        def apply_chat_template(messages: list[Any], tokenize: bool = True, **_: Any) -> Any:
+            # As a Hugging Face tokenizer does: token ids, or the prompt text with tokenize=False.
+            return [1] * (8 * len(messages)) if tokenize else "<|user|>hi<|assistant|>"
+
+        return SimpleNamespace(apply_chat_template=apply_chat_template)
 
     async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         completion = SimpleNamespace(text="Hello", token_ids=[1], finish_reason="stop")

@@ -160,9 +160,12 @@ class _Decoding:
         text = self.utf8.decode(self.model.piece(token))
         return self._events(self.splitter.push(text), 1, inside)
 
-    def close_reasoning(self) -> list[GenerationEvent]:
-        """End the reasoning here (its budget is spent); the closing tag is not generated."""
-        self.room -= 1  # the tag's cells; a little margin rather than a full window
+    def close_reasoning(self, tag_tokens: int) -> list[GenerationEvent]:
+        """End the reasoning here (its budget is spent); the closing tag is not generated.
+
+        The tag's `tag_tokens` take cells of the window that generation can no longer use.
+        """
+        self.room -= tag_tokens
         return self._events(self.splitter.close_reasoning(), 0, True)
 
     def rest(self) -> list[GenerationEvent]:
@@ -365,7 +368,7 @@ class LlamaCppLlmBackend(LlmBackend):
                     break
                 if decoding.over_budget:
                     # The model would go on reasoning: close the block for it, so it answers.
-                    for event in decoding.close_reasoning():
+                    for event in decoding.close_reasoning(len(self._close_reasoning)):
                         yield event
                     await self.engine.append(seq_id, self._close_reasoning)
             for event in decoding.rest():

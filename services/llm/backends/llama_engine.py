@@ -198,8 +198,11 @@ class BatchEngine:
             for seq_id, future in self._in_flight.items():
                 if future.done():
                     continue  # ended while the step ran
-                if seq_id in tokens:
-                    future.set_result(tokens[seq_id])
+                result = tokens.get(seq_id)
+                if isinstance(result, ServiceError):
+                    future.set_exception(result)
+                elif result is not None:
+                    future.set_result(result)
                     self._rejoining.add(seq_id)
                 else:
                     self._demand[seq_id] = future  # its prompt is still being read
@@ -281,25 +284,33 @@ class BatchEngine:
         state.kv = ()
         self._end(seq_id)
 
-    def _step(self, seq_ids: list[int]) -> dict[int, int]:
-        """One llama_decode for `seq_ids`; returns the token sampled for each that finished."""
+    def _step(self, seq_ids: list[int]) -> dict[int, int | ServiceError]:
+        """One llama_decode for `seq_ids`.
+
+        Returns the token sampled for each sequence whose pending tokens were all evaluated, and
+        an error for one that cannot go on (its window is full); the others read on next step.
+        """
         states = sorted((self._states[i] for i in seq_ids), key=lambda s: len(s.pending))
         generating = any(len(state.pending) == 1 for state in states)
         batch = self._batch
         taken: list[tuple[_SequenceState, int]] = []
         outputs: list[tuple[_SequenceState, int]] = []
         count = 0
+        refused: dict[int, int | ServiceError] = {}
         for state in states:
+            if not state.pending or len(state.kv) + 1 > self.window:
+                refused[state.seq_id] = ResourceExhausted(
+                    f"the conversation filled its {self.window}-token window"
+                    if state.pending
+                    else "nothing to evaluate: begin() the request first"
+                )
+                continue
             room = BATCH_TOKENS - count
             if len(state.pending) > 1 and generating:
                 room = min(room, PROMPT_PIECE_WHILE_GENERATING)
-            take = min(room, len(state.pending))
+            take = min(room, len(state.pending), self.window - len(state.kv))
             if take <= 0:
                 continue
-            if len(state.kv) + take > self.window:
-                raise ResourceExhausted(
-                    f"sequence {state.seq_id} would pass its {self.window}-token window"
-                )
             for offset in range(take):
                 batch.token[count] = state.pending[offset]
                 batch.pos[count] = len(state.kv) + offset
@@ -312,7 +323,7 @@ class BatchEngine:
                 count += 1
             taken.append((state, take))
         if count == 0:
-            return {}
+            return refused
         batch.n_tokens = count
         status = llama_cpp.llama_decode(self._context, batch)
         if status != 0:
@@ -324,7 +335,7 @@ class BatchEngine:
         for state, take in taken:
             state.kv = state.kv + tuple(state.pending[:take])
             state.pending = state.pending[take:]
-        sampled = {}
+        sampled = refused
         for state, index in outputs:
             token = int(llama_cpp.llama_sampler_sample(state.sampler, self._context, index))
             state.pending = [token]

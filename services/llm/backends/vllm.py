@@ -183,14 +183,12 @@ class VllmLlmBackend(LlmBackend):
 
     def opens_reasoning(self, messages: tuple[ChatTurn, ...], reasoning: Reasoning) -> bool:
         """True when the generation prompt itself opens a `<think>` block."""
-        text = self._tokenizer.apply_chat_template(
+        text: str = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=reasoning.enabled,
         )
-        if not isinstance(text, str):  # a tokenizer that ignores tokenize=False
-            return False
         return text.rfind(OPEN_TAG) > text.rfind(CLOSE_TAG)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
