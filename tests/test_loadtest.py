@@ -100,3 +100,14 @@ async def test_transport_benchmark_measures_every_path():
     assert all(r.messages_per_s > 0 for r in results)
     text = transport_report(results)
     assert "over the direct call" in text and "WebSocket" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_engine_step_benchmark_prints_its_figures(capsys):
+    from loadtest.llm_steps import main as llm_steps
+
+    assert llm_steps(["--steps", "3", "--sequences", "1,2", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "1 sequences: ms per step" in out and "2 sequences: ms per step" in out
+    assert "prompt of 300: tokens/s" in out and "x one" in out
