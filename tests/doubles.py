@@ -34,6 +34,7 @@ from services.llm.backend import (
 )
 from services.llm.backends.pieces import piece_events, text_events
 from services.llm.reasoning import ThinkSplitter
+from services.llm.tools import ToolCall, new_call_id
 from services.runtime.audio import FloatAudio
 from services.runtime.streams import StreamQueue
 from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
@@ -272,4 +273,42 @@ class ThinkingLlmBackendDouble(LlmBackend):
                 yield event
         for event in piece_events(splitter.flush(), 0, splitter.inside):
             yield event
+        yield Finished(FinishReason.STOP)
+
+
+class ToolCallingLlmBackendDouble(LlmBackend):
+    """A model that calls tools: a short answer, then one call per `calls` entry; asked again
+    with the results (the last message a tool result), it answers with them.
+
+    `calls` are (tool name, arguments JSON) pairs; arguments may break the tool's schema, as an
+    unconstrained upstream model's can.
+    """
+
+    name = "tool-calling-double"
+
+    def __init__(self, calls: Sequence[tuple[str, str]], preamble: str = "Let me check.") -> None:
+        self.calls = tuple(calls)
+        self.preamble = preamble
+        self.requests: list[GenerationRequest] = []
+
+    @property
+    def model_name(self) -> str:
+        return "tool-calling-double"
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        self.requests.append(request)
+        yield PromptUsage(10)
+        last = request.messages[-1]
+        if last.role == "tool" or not request.offered_tools:
+            results = [m.content for m in request.messages if m.role == "tool"]
+            answer = "The results are: " + ", ".join(results) + "." if results else "Hello."
+            for word in answer.split(" "):
+                yield TokenText(word + " ")
+            yield Finished(FinishReason.STOP)
+            return
+        for word in self.preamble.split():
+            yield TokenText(word + " ")
+        for name, arguments in self.calls:
+            yield TokenText("", 5)  # the call's own tokens: counted, never spoken
+            yield ToolCall(new_call_id(), name, arguments)
         yield Finished(FinishReason.STOP)

@@ -14,9 +14,10 @@ from enum import Enum
 
 from services.llm.reasoning import Reasoning
 from services.llm.settings import LlmSettings
+from services.llm.tools import Tool, ToolCall, ToolChoice, offered
 from services.runtime.backend import Backend
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class FinishReason(Enum):
@@ -25,14 +26,21 @@ class FinishReason(Enum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"
 
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One message of the conversation."""
+    """One message of the conversation.
+
+    An assistant turn may carry the tool calls the model made (its content may then be empty); a
+    `tool` turn is the result of the call `tool_call_id` names.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,13 @@ class GenerationRequest:
     sampling: Sampling
     conversation_id: str = ""
     reasoning: Reasoning = field(default_factory=Reasoning)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+
+    @property
+    def offered_tools(self) -> tuple[Tool, ...]:
+        """The tools the model is shown (none with tool choice NONE)."""
+        return offered(self.tools, self.tool_choice)
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class Finished:
     reason: FinishReason
 
 
-GenerationEvent = TokenText | ReasoningText | PromptUsage | Finished
+GenerationEvent = TokenText | ReasoningText | ToolCall | PromptUsage | Finished
 
 
 class LlmBackend(Backend[LlmSettings]):
@@ -117,6 +132,10 @@ class LlmBackend(Backend[LlmSettings]):
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yield `TokenText` per generated token, `PromptUsage` once known, then `Finished`.
+
+        With `request.offered_tools`, yield a `ToolCall` per call the model makes (ids from
+        `tools.new_call_id`), after its answer text if any; the servicer reports the finish
+        reason TOOL_CALLS for a generation that made calls.
 
         Raise `services.runtime.errors.InvalidArgument` for a context that cannot fit the
         model's window even after trimming the oldest turns, and `Unavailable` when an upstream

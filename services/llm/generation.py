@@ -23,6 +23,7 @@ from services.llm.backend import (
     TokenText,
 )
 from services.llm.chunker import Chunk, ChunkPolicy, SentenceChunker
+from services.llm.tools import ToolCall, check_arguments
 from services.runtime import trace_types as names
 from services.runtime.errors import DeadlineExceeded, FailedPrecondition
 from services.runtime.protocol import opening_request_repeated, unknown_request
@@ -38,6 +39,7 @@ _FINISH_REASONS = {
     FinishReason.STOP: llm_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: llm_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.TOOL_CALLS: llm_pb2.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -112,6 +114,7 @@ class Generation:
         self.started_at = time.perf_counter()
         self.first_chunk_at: float | None = None
         self.chunks_sent = 0
+        self.tool_calls_sent = 0
         self.continued_through = -1  # highest chunk index the client has released
         self.released = asyncio.Event()
         self.producer: asyncio.Task[None] | None = None
@@ -185,6 +188,11 @@ class Generation:
                 if isinstance(event, ReasoningText):
                     await self._send_reasoning(event)
                     continue
+                if isinstance(event, ToolCall):
+                    # The answer before a call is spoken first; the call is not spoken.
+                    await self._send_chunks(chunker.flush())
+                    await self._send_tool_call(event)
+                    continue
                 if not isinstance(event, TokenText):
                     continue
                 uncounted += event.tokens
@@ -198,12 +206,17 @@ class Generation:
                 uncounted = 0
         finally:
             await events.aclose()
-        for chunk in chunker.flush():
-            await self._send(chunk)
-            # `done` waits for the release of the last chunk too, so that a client's
-            # continue_generation can never race with the end of the call.
-            await self._await_release(chunk.index)
+        # `done` waits for the release of the last chunk too, so that a client's
+        # continue_generation can never race with the end of the call.
+        await self._send_chunks(chunker.flush())
+        if self.tool_calls_sent and self.stats.finish_reason is FinishReason.STOP:
+            self.stats.finish_reason = FinishReason.TOOL_CALLS
         await self._done()
+
+    async def _send_chunks(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            await self._send(chunk)
+            await self._await_release(chunk.index)
 
     def _request_attributes(self) -> dict[str, Any]:
         sampling = self.request.sampling
@@ -249,6 +262,25 @@ class Generation:
         if event.text or event.tokens:
             delta = llm_pb2.ReasoningDelta(text=event.text, token_count=event.tokens)
             await self.duplex.send(Response(reasoning=delta))
+
+    async def _send_tool_call(self, call: ToolCall) -> None:
+        # A model the server could not constrain (an upstream) may call outside the schema: the
+        # client learns why and answers with an error instead of running the tool.
+        tools = {tool.name: tool for tool in self.request.offered_tools}
+        error = call.error or check_arguments(tools.get(call.name), call.arguments)
+        if error:
+            # Not the error itself: it may quote the arguments, which come from the conversation.
+            log.warning(
+                "request %s: tool call %s to %s does not fit its tool",
+                self.request.request_id or "-",
+                call.id,
+                call.name,
+            )
+        self.tool_calls_sent += 1
+        message = llm_pb2.ToolCall(
+            id=call.id, name=call.name, arguments_json=call.arguments, error=error
+        )
+        await self.duplex.send(Response(tool_call=message))
 
     async def _await_release(self, index: int) -> None:
         if not self.wait_for_continue:

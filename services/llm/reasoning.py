@@ -63,7 +63,7 @@ class ThinkSplitter:
                 self._trim_newlines = self.inside
                 self.inside = not self.inside
                 continue
-            keep = _partial_tag_suffix(buffer, tag)
+            keep = partial_tag_suffix(buffer, tag)
             self._emit(pieces, buffer[: len(buffer) - keep])
             self._held = buffer[len(buffer) - keep :]
             break
@@ -92,7 +92,7 @@ class ThinkSplitter:
             pieces.append(Piece(text, self.inside))
 
 
-def _partial_tag_suffix(text: str, tag: str) -> int:
+def partial_tag_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `tag`."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-size:]):

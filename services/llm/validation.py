@@ -10,6 +10,7 @@ from services.llm.backend import ROLES, ChatTurn, GenerationRequest, Sampling
 from services.llm.chunker import ChunkPolicy
 from services.llm.reasoning import Reasoning
 from services.llm.settings import LlmSettings
+from services.llm.tool_validation import parse_tools, tool_choice, turn_tool_calls
 from services.runtime.errors import InvalidArgument
 from services.runtime.ids import check_client_id
 
@@ -23,12 +24,15 @@ def generation_request(start: llm_pb2.StartGeneration, settings: LlmSettings) ->
     """The backend's view of `start`, with defaults filled in."""
     request_id = check_client_id(start.request_id, "start.request_id")
     conversation_id = check_client_id(start.conversation_id, "start.conversation_id")
+    tools = parse_tools(start.tools)
     return GenerationRequest(
         request_id=request_id,
         messages=_messages(start, settings),
         sampling=_sampling(start.sampling, settings),
         conversation_id=conversation_id,
         reasoning=_reasoning(start.reasoning),
+        tools=tools,
+        tool_choice=tool_choice(start.tool_choice, tools),
     )
 
 
@@ -82,7 +86,7 @@ def _messages(start: llm_pb2.StartGeneration, settings: LlmSettings) -> tuple[Ch
             "messages is empty; send at least one user message", field="start.messages"
         )
     total = 0
-    turns = []
+    turns: list[ChatTurn] = []
     for index, message in enumerate(start.messages):
         field = f"start.messages[{index}]"
         if message.role not in ROLES:
@@ -90,10 +94,11 @@ def _messages(start: llm_pb2.StartGeneration, settings: LlmSettings) -> tuple[Ch
                 f"role {message.role!r} is not known; use one of {', '.join(ROLES)}",
                 field=f"{field}.role",
             )
-        if not message.content.strip():
+        calls = turn_tool_calls(message, field, turns)
+        if not message.content.strip() and not calls:
             raise InvalidArgument("content is empty", field=f"{field}.content")
-        total += len(message.content)
-        turns.append(ChatTurn(message.role, message.content))
+        total += len(message.content) + sum(len(c.arguments) for c in calls)
+        turns.append(ChatTurn(message.role, message.content, calls, message.tool_call_id))
     if total > settings.max_prompt_chars:
         raise InvalidArgument(
             f"the conversation is {total} characters; at most {settings.max_prompt_chars} "
@@ -102,7 +107,8 @@ def _messages(start: llm_pb2.StartGeneration, settings: LlmSettings) -> tuple[Ch
         )
     if turns[-1].role == "assistant":
         raise InvalidArgument(
-            "the last message is the assistant's; end with a user message to answer",
+            "the last message is the assistant's; end with a user message (or a tool result) "
+            "to answer",
             field=f"start.messages[{len(turns) - 1}].role",
         )
     return tuple(turns)

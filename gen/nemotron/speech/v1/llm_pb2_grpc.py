@@ -36,10 +36,17 @@ class LlmServiceStub:
     stream releases all remaining chunks. `cancel` (or cancelling the call) stops generation within
     one token; the call then ends with `done` (finish reason CANCELLED).
 
+    With tools, the model may call them instead of (or after) answering: each call arrives as a
+    `tool_call` response, not spoken, and the call ends with `done` (finish reason TOOL_CALLS). The
+    client runs the tools and starts a new call with the assistant's calls and a `tool` message per
+    result appended to the messages; the model then answers with the results.
+
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
-    a context that does not fit the window even after trimming, or an empty request (no field set),
-    the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
+    a malformed tool (its name, or a parameters schema that is not a valid JSON Schema object: the
+    field names the tool), a tool choice that names no given tool, a tool message whose call id no
+    earlier assistant call has, a context that does not fit the window even after trimming, or an
+    empty request (no field set), the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
     requests; UNAVAILABLE when an upstream model server cannot be reached.
     """
 
@@ -67,10 +74,17 @@ class LlmServiceServicer:
     stream releases all remaining chunks. `cancel` (or cancelling the call) stops generation within
     one token; the call then ends with `done` (finish reason CANCELLED).
 
+    With tools, the model may call them instead of (or after) answering: each call arrives as a
+    `tool_call` response, not spoken, and the call ends with `done` (finish reason TOOL_CALLS). The
+    client runs the tools and starts a new call with the assistant's calls and a `tool` message per
+    result appended to the messages; the model then answers with the results.
+
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
-    a context that does not fit the window even after trimming, or an empty request (no field set),
-    the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
+    a malformed tool (its name, or a parameters schema that is not a valid JSON Schema object: the
+    field names the tool), a tool choice that names no given tool, a tool message whose call id no
+    earlier assistant call has, a context that does not fit the window even after trimming, or an
+    empty request (no field set), the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
     requests; UNAVAILABLE when an upstream model server cannot be reached.
     """
 
@@ -108,10 +122,17 @@ class LlmService:
     stream releases all remaining chunks. `cancel` (or cancelling the call) stops generation within
     one token; the call then ends with `done` (finish reason CANCELLED).
 
+    With tools, the model may call them instead of (or after) answering: each call arrives as a
+    `tool_call` response, not spoken, and the call ends with `done` (finish reason TOOL_CALLS). The
+    client runs the tools and starts a new call with the assistant's calls and a `tool` message per
+    result appended to the messages; the model then answers with the results.
+
     Errors: FAILED_PRECONDITION for continue or cancel before start, or a second start;
     INVALID_ARGUMENT for no messages, an unknown role, empty content, out-of-range sampling values,
-    a context that does not fit the window even after trimming, or an empty request (no field set),
-    the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
+    a malformed tool (its name, or a parameters schema that is not a valid JSON Schema object: the
+    field names the tool), a tool choice that names no given tool, a tool message whose call id no
+    earlier assistant call has, a context that does not fit the window even after trimming, or an
+    empty request (no field set), the first one included; RESOURCE_EXHAUSTED when the server serves its maximum number of
     requests; UNAVAILABLE when an upstream model server cannot be reached.
     """
 
