@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,7 +18,7 @@ from services.llm.tools import Tool as ToolSpec
 from services.llm.tools import ToolCallSplitter, ToolChoiceMode, call_from_json, check_arguments
 from tests.doubles import ToolCallingLlmBackendDouble
 from tests.helpers import field_violation, read_all
-from tests.servers import channel_to, running
+from tests.servers import channel_to, running, target_of
 
 Req = llm_pb2.GenerateChunksRequest
 TIMER = llm_pb2.Tool(
@@ -225,3 +228,22 @@ def test_calls_are_read_from_json_and_checked_against_the_schema():
     assert check_arguments(timer, call.arguments) == ""
     assert "required" in check_arguments(timer, "{}")
     assert "not JSON" in check_arguments(timer, "{")
+
+
+@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl comes with the dev group")
+async def test_grpcurl_describes_the_tool_messages_with_their_documentation():
+    settings = LlmSettings(port=0, max_streams=2, shutdown_grace_s=0.5)
+    async with running(LlmService(settings, ToolCallingLlmBackendDouble(CALLS))) as server:
+
+        def describe(symbol: str) -> str:
+            command = ["grpcurl", "-plaintext", target_of(server), "describe", symbol]
+            return subprocess.run(
+                command, capture_output=True, text=True, timeout=30, check=True
+            ).stdout
+
+        tool = await asyncio.to_thread(describe, "nemotron.speech.v1.Tool")
+        call = await asyncio.to_thread(describe, "nemotron.speech.v1.ToolCall")
+        choice = await asyncio.to_thread(describe, "nemotron.speech.v1.ToolChoiceMode")
+    assert "parameters_json" in tool and "JSON Schema" in tool
+    assert "arguments_json" in call and "error result" in call
+    assert "TOOL_CHOICE_MODE_REQUIRED" in choice and "at least one tool" in choice
