@@ -108,6 +108,7 @@ def engine_build(monkeypatch: pytest.MonkeyPatch) -> _EngineBuild:
     vllm.SamplingParams = SimpleNamespace
     sampling_params = types.ModuleType("vllm.sampling_params")
     sampling_params.RequestOutputKind = SimpleNamespace(DELTA="delta")
+    sampling_params.StructuredOutputsParams = SimpleNamespace
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_params)
     return build

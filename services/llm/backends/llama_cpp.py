@@ -16,6 +16,21 @@ evaluated: for a follow-up turn of a conversation, just the new turns.
 
 Extra weight buffer types (repacked weights, AMX) are used only where a test decode in a child
 process showed they work (`llama_probe`), unless `extra_buffers` forces the choice.
+
+Tool calls: the offered tools reach the model through its chat template, or, for a template that
+takes no tools, as an instruction in the system prompt (`llama_prompt`). The model writes a call
+as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and a GBNF grammar built from the
+tools' JSON schemas (`llama_tools`) makes every call it writes valid: a name offered, arguments
+that fit its schema (as far as a grammar can say), then only more calls. With tool choice AUTO the
+model writes freely until it opens a call; the sequence's sampler then switches to the grammar
+(`BatchEngine.constrain`) for the rest (`llama_calls`). With REQUIRED or NAMED (one tool's
+grammar) the prompt ends with the opening tag and the grammar holds from the first token;
+reasoning is skipped then, since the model's first token is already in the call. The calls are
+yielded after the answer text; tokens that went into calls count as completion tokens but are
+never spoken. Stop strings apply to the answer only; max_tokens inside a call drops that call
+(finish LENGTH), and a call repeated word for word ends the turn (small models loop). The
+grammar's check of every candidate token costs CPU time per token (about as much as
+SmolLM2-135M's forward pass on one core).
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ from services.llm.context import fit_to_window, generation_reserve
 from services.llm.settings import LlmSettings
 from services.llm.slots import SlotPool
 from services.llm.stops import StopMatcher
+from services.llm.tools import Tool, ToolChoiceMode
 from services.runtime.errors import Unavailable
 
 try:
@@ -56,10 +72,12 @@ except ImportError as err:  # pragma: no cover - a core dependency
         "llama_cpp backend needs llama-cpp-python: pip install nemotron-speech-mesh"
     ) from err
 
+from services.llm.backends.llama_calls import ToolCalls
 from services.llm.backends.llama_engine import BatchEngine, common_prefix
 from services.llm.backends.llama_model import LlamaModel, MemoryReport
 from services.llm.backends.llama_probe import ExtraBuffers, choose_extra_buffers
 from services.llm.backends.llama_prompt import ChatPrompt, RenderedPrompt
+from services.llm.backends.llama_tools import parser_of, tool_grammar
 from services.llm.backends.model_source import resolve_model
 from services.llm.backends.pieces import piece_events
 from services.llm.reasoning import CLOSE_TAG, Piece, Reasoning, ThinkSplitter
@@ -113,34 +131,40 @@ class _Sequence:
 
 
 class _Decoding:
-    """Turns one request's sampled tokens into events: reasoning apart, stops, UTF-8, limits.
+    """Turns one request's sampled tokens into events: reasoning apart, calls, stops, UTF-8, limits.
 
-    Runs on the event loop. Stop strings apply to the answer only, never to the reasoning.
+    Runs on the event loop. Stop strings apply to the answer only, never to the reasoning or calls.
     """
 
     def __init__(
         self,
         model: LlamaModel,
-        prompt_tokens: int,
+        prompt: RenderedPrompt,
         sampling: Sampling,
         window: int,
         reasoning: Reasoning,
-        starts_in_reasoning: bool,
+        calls: ToolCalls | None = None,
     ):
         self.model = model
         self.sampling = sampling
-        self.room = min(sampling.max_tokens, window - prompt_tokens)
+        self.room = min(sampling.max_tokens, window - len(prompt.tokens))
         self.generated = 0
         self.reasoning = reasoning
         self.reasoning_tokens = 0
-        self.splitter = ThinkSplitter(inside=starts_in_reasoning)
-        self.stops = StopMatcher(sampling.stop)
+        self.splitter = ThinkSplitter(inside=prompt.starts_in_reasoning)
+        self.stops = StopMatcher((*sampling.stop, *prompt.stops))
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.calls = calls
 
     @property
     def at_limit(self) -> bool:
         """max_tokens reached, or the window is full."""
         return self.generated >= self.room
+
+    @property
+    def ended(self) -> bool:
+        """A stop string ended the answer, or the model repeated a call."""
+        return self.stops.stopped or (self.calls is not None and self.calls.repeated)
 
     @property
     def over_budget(self) -> bool:
@@ -156,9 +180,19 @@ class _Decoding:
     def events(self, token: int) -> list[GenerationEvent]:
         """Count one generated token; the reasoning or answer text it completes."""
         self.generated += 1
-        inside = self.splitter.inside
         text = self.utf8.decode(self.model.piece(token))
+        if self.calls is not None and self.calls.constrained:
+            self.calls.add_call_text(text)
+            return [TokenText("", 1)]
+        inside = self.splitter.inside
         return self._events(self.splitter.push(text), 1, inside)
+
+    def grammar_switch(self) -> str:
+        """The grammar to constrain the sequence with now (the model opened a call), or ""."""
+        if self.calls is None or not self.calls.switch_due:
+            return ""
+        held = "".join(piece.text for piece in self.splitter.flush())
+        return self.calls.switch(held)
 
     def close_reasoning(self, tag_tokens: int) -> list[GenerationEvent]:
         """End the reasoning here (its budget is spent); the closing tag is not generated.
@@ -169,14 +203,26 @@ class _Decoding:
         return self._events(self.splitter.close_reasoning(), 0, True)
 
     def rest(self) -> list[GenerationEvent]:
-        """What was held back, at the end."""
-        tail = self.splitter.push(self.utf8.decode(b"", final=True)) + self.splitter.flush()
-        events = self._events(tail, 0, False)
-        held = self.stops.flush()
-        return [*events, TokenText(held, 0)] if held else events
+        """What was held back, then the calls made, at the end."""
+        last = self.utf8.decode(b"", final=True)
+        events: list[GenerationEvent] = []
+        held = ""
+        if self.calls is not None and self.calls.constrained:
+            self.calls.add_call_text(last)
+        else:
+            events = self._events(self.splitter.push(last) + self.splitter.flush(), 0, False)
+            held = self.calls.held_answer() if self.calls is not None else ""
+        held = self.stops.push(held) + self.stops.flush()
+        if held:
+            events.append(TokenText(held, 0))
+        return events + (self.calls.made() if self.calls is not None else [])
+
+    def _answer(self, text: str) -> str:
+        """Answer text, less any call, through the stop strings."""
+        return self.stops.push(self.calls.answer(text) if self.calls is not None else text)
 
     def _events(self, pieces: list[Piece], tokens: int, inside: bool) -> list[GenerationEvent]:
-        events = piece_events(pieces, tokens, inside, self.stops.push)
+        events = piece_events(pieces, tokens, inside, self._answer)
         self.reasoning_tokens += sum(e.tokens for e in events if isinstance(e, ReasoningText))
         return events
 
@@ -292,10 +338,19 @@ class LlamaCppLlmBackend(LlmBackend):
         """The .gguf file: the model setting's path or `hf:` reference, else the default."""
         return resolve_model(self.model_source) if self.model_source else default_model_path()
 
-    def render(self, messages: tuple[ChatTurn, ...], reasoning: Reasoning) -> RenderedPrompt:
-        """The model's prompt for `messages`: its chat template, then its tokenizer."""
+    def render(
+        self,
+        messages: tuple[ChatTurn, ...],
+        reasoning: Reasoning,
+        tools: tuple[Tool, ...] = (),
+        open_call: bool = False,
+    ) -> RenderedPrompt:
+        """The model's prompt for `messages`: its chat template, then its tokenizer.
+
+        `tools` are shown to the model; `open_call` ends the prompt inside a call.
+        """
         assert self._prompt is not None, "load() first"
-        return self._prompt.render(messages, reasoning)
+        return self._prompt.render(messages, reasoning, tools, open_call)
 
     def encode(self, messages: tuple[ChatTurn, ...]) -> list[int]:
         """The prompt's tokens with reasoning off (the default for speech)."""
@@ -316,9 +371,20 @@ class LlamaCppLlmBackend(LlmBackend):
             raise Unavailable("the llama_cpp model is not loaded")
         reserve = generation_reserve(self.window, request.sampling.max_tokens)
         rendered: dict[tuple[ChatTurn, ...], RenderedPrompt] = {}
+        tools = request.offered_tools
+        # REQUIRED or NAMED: the prompt opens the call, so there is no room for reasoning.
+        opened = bool(tools) and request.tool_choice.mode is not ToolChoiceMode.AUTO
+        reasoning = Reasoning() if opened else request.reasoning
+        calls = None
+        if tools:
+            # Off the loop: a large schema takes a while to convert and to check.
+            indices = tuple(i for i, tool in enumerate(request.tools) if tool in tools)
+            parses = parser_of(self.model.vocab)
+            grammar = await asyncio.to_thread(tool_grammar, tools, indices, parses)
+            calls = ToolCalls(grammar, opened)
 
         def encode(messages: tuple[ChatTurn, ...]) -> list[int]:
-            rendered[messages] = self.render(messages, request.reasoning)
+            rendered[messages] = self.render(messages, reasoning, tools, opened)
             return rendered[messages].tokens
 
         fitted = await asyncio.to_thread(
@@ -336,7 +402,7 @@ class LlamaCppLlmBackend(LlmBackend):
         )
         async with self.pool.acquire(score) as sequence:
             sequence.conversation_id = request.conversation_id
-            events = self._decode(sequence.seq_id, prompt, request.sampling, request.reasoning)
+            events = self._decode(sequence.seq_id, prompt, request.sampling, reasoning, calls)
             try:
                 async for event in events:
                     yield event
@@ -344,16 +410,20 @@ class LlamaCppLlmBackend(LlmBackend):
                 await events.aclose()
 
     async def _decode(
-        self, seq_id: int, prompt: RenderedPrompt, sampling: Sampling, reasoning: Reasoning
+        self,
+        seq_id: int,
+        prompt: RenderedPrompt,
+        sampling: Sampling,
+        reasoning: Reasoning,
+        calls: ToolCalls | None = None,
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Decode on `seq_id`, one batched step per token; closing this stops at once."""
         assert self.engine is not None and self.model is not None
         tokens = prompt.tokens
-        decoding = _Decoding(
-            self.model, len(tokens), sampling, self.window, reasoning, prompt.starts_in_reasoning
-        )
+        decoding = _Decoding(self.model, prompt, sampling, self.window, reasoning, calls)
+        grammar = calls.initial_grammar() if calls is not None else ""
         try:
-            cached = await self.engine.begin(seq_id, tokens, sampling)
+            cached = await self.engine.begin(seq_id, tokens, sampling, grammar)
             yield PromptUsage(len(tokens), cached)
             reason = FinishReason.LENGTH
             while not decoding.at_limit:
@@ -363,7 +433,7 @@ class LlamaCppLlmBackend(LlmBackend):
                     break
                 for event in decoding.events(token):
                     yield event
-                if decoding.stops.stopped:
+                if decoding.ended:
                     reason = FinishReason.STOP
                     break
                 if decoding.over_budget:
@@ -371,6 +441,10 @@ class LlamaCppLlmBackend(LlmBackend):
                     for event in decoding.close_reasoning(len(self._close_reasoning)):
                         yield event
                     await self.engine.append(seq_id, self._close_reasoning)
+                grammar = decoding.grammar_switch()
+                if grammar:
+                    # The model opened a call: from its next token on, only valid calls.
+                    await self.engine.constrain(seq_id, grammar)
             for event in decoding.rest():
                 yield event
             yield Finished(reason)

@@ -14,6 +14,12 @@ engine thread after the step in flight, before any later work for that sequence 
 
 Prompt cache: a sequence's tokens stay in its cells after its request ends. The next request on
 that sequence id keeps the common prefix and evaluates only the rest (`begin`).
+
+Grammars: a request may constrain its tokens with a GBNF grammar from its first token (`begin`)
+or from any token on (`constrain`, e.g. once the model opened a tool call). The grammar is the
+first link of the sequence's sampler chain, so every token sampled satisfies it; the chain owns
+it, and a replaced chain is freed on the engine thread like any other. A grammar llama.cpp cannot
+parse raises `GrammarError` and leaves the sequence as it was.
 """
 
 from __future__ import annotations
@@ -68,6 +74,11 @@ class _SequenceState:
     kv: tuple[int, ...] = ()
     pending: list[int] = field(default_factory=list)  # to evaluate next (prompt, sampled token)
     sampler: Any = None
+    sampling: Sampling = field(default_factory=Sampling)  # the request's, to rebuild the chain
+
+
+class GrammarError(ValueError):
+    """llama.cpp could not parse a grammar (its log says why)."""
 
 
 class BatchEngine:
@@ -132,14 +143,34 @@ class BatchEngine:
 
     # ---- one request on a sequence (event loop) -----------------------------------------------
 
-    async def begin(self, seq_id: int, prompt: Sequence[int], sampling: Sampling) -> int:
-        """Set up a request on `seq_id`; returns the prompt tokens reused from its KV cells."""
+    async def begin(
+        self, seq_id: int, prompt: Sequence[int], sampling: Sampling, grammar: str = ""
+    ) -> int:
+        """Set up a request on `seq_id`; returns the prompt tokens reused from its KV cells.
+
+        A GBNF `grammar` (root rule `root`) constrains every token from the first.
+
+        Raises:
+            GrammarError: llama.cpp cannot parse the grammar.
+        """
         if not prompt:
             raise ValueError("an empty prompt has nothing to continue")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.executor, self._begin, seq_id, list(prompt), sampling
+            self.executor, self._begin, seq_id, list(prompt), sampling, grammar
         )
+
+    async def constrain(self, seq_id: int, grammar: str) -> None:
+        """Constrain the tokens `seq_id` samples from now on with a GBNF `grammar`.
+
+        Call it between `next_token` calls of the request that holds the sequence. The grammar
+        starts fresh: it sees none of the tokens sampled before.
+
+        Raises:
+            GrammarError: llama.cpp cannot parse the grammar; the sampler stays as it was.
+        """
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._constrain, seq_id, grammar)
 
     async def next_token(self, seq_id: int) -> int:
         """Evaluate what `seq_id` has pending and sample its next token, batched with others."""
@@ -253,8 +284,9 @@ class BatchEngine:
             llama_cpp.llama_free(self._context)
             self._context = None
 
-    def _begin(self, seq_id: int, prompt: list[int], sampling: Sampling) -> int:
+    def _begin(self, seq_id: int, prompt: list[int], sampling: Sampling, grammar: str) -> int:
         state = self._states[seq_id]
+        sampler = self._sampler(sampling, grammar)  # first: a bad grammar changes nothing
         # At least the last prompt token is evaluated again, for fresh logits.
         reused = min(common_prefix(state.kv, prompt), len(prompt) - 1)
         if reused < len(state.kv) and not llama_cpp.llama_memory_seq_rm(
@@ -266,8 +298,14 @@ class BatchEngine:
         state.kv = state.kv[:reused]
         state.pending = prompt[reused:]
         self._free_sampler(state)
-        state.sampler = self._sampler(sampling)
+        state.sampler, state.sampling = sampler, sampling
         return reused
+
+    def _constrain(self, seq_id: int, grammar: str) -> None:
+        state = self._states[seq_id]
+        sampler = self._sampler(state.sampling, grammar)
+        self._free_sampler(state)
+        state.sampler = sampler
 
     def _append(self, seq_id: int, tokens: list[int]) -> None:
         self._states[seq_id].pending.extend(tokens)
@@ -342,9 +380,14 @@ class BatchEngine:
             sampled[state.seq_id] = token
         return sampled
 
-    def _sampler(self, sampling: Sampling) -> Any:
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    def _sampler(self, sampling: Sampling, grammar: str = "") -> Any:
         links = []
+        if grammar:
+            # First in the chain: the links after it only choose among the tokens it allows.
+            link = llama_cpp.llama_sampler_init_grammar(self.model.vocab, grammar.encode(), b"root")
+            if not link:
+                raise GrammarError("llama.cpp could not parse the grammar")
+            links.append(link)
         if sampling.repetition_penalty != 1.0:
             links.append(
                 llama_cpp.llama_sampler_init_penalties(
@@ -361,6 +404,7 @@ class BatchEngine:
             seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
             links.append(llama_cpp.llama_sampler_init_temp(sampling.temperature))
             links.append(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         for link in links:
             llama_cpp.llama_sampler_chain_add(chain, link)  # the chain owns it from here
         return chain

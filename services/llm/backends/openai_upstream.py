@@ -12,6 +12,16 @@ fit comes back as its 400, hence INVALID_ARGUMENT). Usage comes from the stream'
 (`stream_options.include_usage`), cached prompt tokens from `prompt_tokens_details.cached_tokens`
 (vLLM) or `timings.cache_n` (llama-server); an upstream that sends no usage gets completion tokens
 counted from the stream and prompt tokens reported as 0.
+
+The offered tools go upstream in OpenAI's form (`tools`, `tool_choice`, `parallel_tool_calls`;
+assistant `tool_calls` and `tool` messages with `tool_call_id`), and the upstream's own template
+and tool parser do the work (vLLM needs `--enable-auto-tool-choice --tool-call-parser ...` for
+"auto", else its 400 is INVALID_ARGUMENT here; llama-server needs `--jinja`). Streamed
+`delta.tool_calls` fragments are joined per call index into `ToolCall`s when the choice finishes;
+their arguments pass as received, for the servicer to check. A reasoning budget goes as
+`thinking_token_budget` (vLLM; a 400 unless it runs with `--reasoning-parser` or
+`--reasoning-config`) and `thinking_budget_tokens` (llama-server, its `--reasoning-budget` left at
+-1); each server ignores the other's field.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from services.llm.backend import (
     Sampling,
     TokenText,
 )
+from services.llm.backends.openai_wire import ToolCallFragments, openai_messages, openai_tool_choice
 from services.llm.backends.pieces import text_events
 from services.llm.reasoning import ThinkSplitter
 from services.llm.settings import LlmSettings
@@ -148,6 +159,7 @@ class OpenAIUpstreamLlmBackend(LlmBackend):
                     raise status_error(response.status_code, (await response.aread()).decode())
                 finished = False
                 splitter = ThinkSplitter()
+                calls = ToolCallFragments()
                 async for line in response.aiter_lines():
                     event = parse_event(line)
                     if event is None:
@@ -155,9 +167,12 @@ class OpenAIUpstreamLlmBackend(LlmBackend):
                     if event is DONE:
                         finished = True
                         break
-                    for item in events_of(event, splitter):
+                    for item in events_of(event, splitter, calls):
                         yield item
                     finished = finished or finish_reason_of(event) is not None
+                if finished:
+                    for call in calls.take():  # [DONE] came without a finish reason
+                        yield call
                 for piece in splitter.flush():  # a held-back "<" that began no tag
                     yield (
                         ReasoningText(piece.text, 0)
@@ -202,7 +217,7 @@ def request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
     sampling: Sampling = request.sampling
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "messages": openai_messages(request.messages),
         "stream": True,
         "stream_options": {"include_usage": True},
         "temperature": sampling.temperature,
@@ -222,6 +237,17 @@ def request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         # vLLM's name, and llama.cpp's.
         body["repetition_penalty"] = sampling.repetition_penalty
         body["repeat_penalty"] = sampling.repetition_penalty
+    if request.offered_tools:
+        # Only the tools the model is shown, so that NONE hides them from any upstream; the
+        # upstream constrains "required" and a named choice itself, where it can.
+        body["tools"] = [tool.openai() for tool in request.offered_tools]
+        body["tool_choice"] = openai_tool_choice(request.tool_choice)
+        # OpenAI's default, not llama-server's: our contract allows several calls in one turn.
+        body["parallel_tool_calls"] = True
+    budget = request.reasoning.budget_tokens
+    if request.reasoning.enabled and budget > 0:
+        body["thinking_token_budget"] = budget  # vLLM's name
+        body["thinking_budget_tokens"] = budget  # llama-server's
     return body
 
 
@@ -240,14 +266,18 @@ def parse_event(line: str) -> dict[str, Any] | None:
 
 
 def events_of(
-    event: Mapping[str, Any], splitter: ThinkSplitter | None = None
+    event: Mapping[str, Any],
+    splitter: ThinkSplitter | None = None,
+    calls: ToolCallFragments | None = None,
 ) -> list[GenerationEvent]:
-    """What one server-sent event carries: token texts (one token each), finish, usage.
+    """What one server-sent event carries: token texts (one token each), calls, finish, usage.
 
     Reasoning comes apart from the answer either way a server sends it: in its own field
     (`reasoning_content`, as vLLM and llama-server do with a reasoning parser) or as `<think>`
-    tags in the content (`splitter` cuts them out).
+    tags in the content (`splitter` cuts them out). Tool-call fragments gather in `calls` (kept
+    across the stream's events) and come out as `ToolCall`s just before the finish.
     """
+    calls = ToolCallFragments() if calls is None else calls
     if "error" in event:
         error = event["error"]
         message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
@@ -262,9 +292,17 @@ def events_of(
         text = delta.get("content")
         if text:
             items += text_events(splitter, str(text), 1) if splitter else [TokenText(str(text))]
+        fragments = delta.get("tool_calls")
+        if isinstance(fragments, list) and fragments:
+            calls.add(fragments)
+            if not (thought or text):
+                # The call's own token(s): counted, never spoken (usage corrects the count).
+                items.append(TokenText("", 1))
         reason = choice.get("finish_reason")
         if reason:
-            items.append(Finished(FinishReason.LENGTH if reason == "length" else FinishReason.STOP))
+            made = calls.take()
+            items += made
+            items.append(Finished(finish_reason(str(reason), bool(made))))
     usage = event.get("usage")
     timings = event.get("timings")
     if usage:
@@ -281,6 +319,13 @@ def events_of(
             )
         )
     return items
+
+
+def finish_reason(reason: str, made_calls: bool) -> FinishReason:
+    """Ours for an upstream's: vLLM reports a named tool choice's call as "stop"."""
+    if reason == "length":
+        return FinishReason.LENGTH
+    return FinishReason.TOOL_CALLS if made_calls else FinishReason.STOP
 
 
 def finish_reason_of(event: Mapping[str, Any]) -> str | None:
