@@ -2,6 +2,8 @@
 
 transport in -> Silero VAD -> turn detection -> GrpcSTTService -> user context
   -> GrpcChunkedLLMService -> GrpcTTSService -> transport out -> assistant context
+
+Unless `BotConfig.tools` is off, the LLM service also runs the bot's local tools (`bots.tools`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from pipecat.turns.user_turn_processor import UserTurnProcessor
 
 from bots.llm import GrpcChunkedLLMService
 from bots.stt import GrpcSTTService
+from bots.tools import BotTools
 from bots.tracing import tracing_on
 from bots.tts import GrpcTTSService
 from bots.turns import aggregator_turns, turn_detection
+from clients.security import ClientSecurity
 from clients.targets import Targets
 from nemotron.speech.v1 import llm_pb2
 
@@ -53,7 +57,11 @@ class BotConfig:
     voice: str = field(default_factory=lambda: os.environ.get("NEMOTRON_BOT_VOICE", ""))
     language: str = "en"
     max_tokens: int = 96
+    # The bot's local tools (the time, spoken timers); off: the model only answers.
+    tools: bool = True
     targets: Targets = field(default_factory=Targets)
+    # TLS and token of the adapters' channels; None: from NEMOTRON_TLS_* and NEMOTRON_TOKEN*.
+    security: ClientSecurity | None = None
 
 
 @dataclass
@@ -64,21 +72,33 @@ class Services:
     llm: GrpcChunkedLLMService
     tts: GrpcTTSService
     context: LLMContext
+    tools: BotTools | None = None
 
 
 def build_services(config: BotConfig) -> Services:
-    """The three gRPC adapters for `config`."""
-    return Services(
-        stt=GrpcSTTService(target=config.targets.asr, language=config.language),
+    """The three gRPC adapters for `config`, with the bot's tools unless it turns them off."""
+    services = Services(
+        stt=GrpcSTTService(
+            target=config.targets.asr, security=config.security, language=config.language
+        ),
         llm=GrpcChunkedLLMService(
             target=config.targets.llm,
+            security=config.security,
             sampling=llm_pb2.SamplingParams(max_tokens=config.max_tokens, temperature=0.6),
         ),
         tts=GrpcTTSService(
-            target=config.targets.tts, voice=config.voice, adaptive=config.adaptive_tts
+            target=config.targets.tts,
+            security=config.security,
+            voice=config.voice,
+            adaptive=config.adaptive_tts,
         ),
         context=LLMContext([{"role": "system", "content": config.system_prompt}]),
     )
+    if config.tools:
+        services.tools = BotTools()
+        services.tools.register(services.llm)
+        services.context.set_tools(services.tools.schema)
+    return services
 
 
 def build_pipeline(
@@ -114,7 +134,8 @@ def turns_of(context: LLMContext, role: str) -> list[str]:
     for message in context.get_messages():
         if isinstance(message, dict) and message.get("role") == role:
             content = message.get("content")
-            texts.append(content if isinstance(content, str) else str(content))
+            if content is not None:  # None: an assistant turn that only called tools
+                texts.append(content if isinstance(content, str) else str(content))
     return texts
 
 
@@ -140,6 +161,13 @@ def build_worker(config: BotConfig, transport: BaseTransport) -> tuple[PipelineW
         enable_tracing=tracing_on(),
         conversation_id=services.llm.conversation_id,
     )
+    if services.tools is not None:
+        tools = services.tools
+
+        @worker.event_handler("on_pipeline_finished")
+        async def _stop_timers(_worker: PipelineWorker, _frame: object) -> None:
+            await tools.close()  # no timer speaks into a pipeline that has ended
+
     if config.greeting:
 
         @transport.event_handler("on_client_connected")

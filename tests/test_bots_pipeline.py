@@ -24,7 +24,7 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.workers.runner import WorkerRunner
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame
-from bots.pipeline import BotConfig, build_worker
+from bots.pipeline import BotConfig, build_worker, turns_of
 from bots.wav_transport import WavFileTransport
 from clients.targets import Targets
 from tests.mesh import real_mesh
@@ -117,12 +117,10 @@ class Conversation:
             await asyncio.sleep(0.05)
 
     def replies(self) -> list[str]:
-        return [
-            m["content"] for m in self.services.context.get_messages() if m["role"] == "assistant"
-        ]
+        return turns_of(self.services.context, "assistant")
 
     def user_turns(self) -> list[str]:
-        return [m["content"] for m in self.services.context.get_messages() if m["role"] == "user"]
+        return turns_of(self.services.context, "user")
 
 
 @pytest.mark.timeout(120)
