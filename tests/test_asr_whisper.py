@@ -263,6 +263,55 @@ def test_utterance_buffer_is_bounded_and_gates_silence():
     assert len(buffer) == 0 and not buffer.voiced
 
 
+def test_final_audio_is_the_same_however_long_the_pause():
+    rng = np.random.default_rng(3)
+    speech = (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    hush = (0.001 * rng.standard_normal(16000)).astype(np.float32)  # a room, under the gate
+    buffers = {}
+    for pause_ms in (100, 200, 500):
+        buffer = UtteranceAudio(capacity_s=4.0)
+        buffer.append(speech)
+        buffer.append(hush[: pause_ms * 16])
+        buffers[pause_ms] = buffer
+    after_pause = {ms: buffers[ms].final_snapshot(0.6) for ms in (200, 500)}
+    # Once the pause reaches 150 ms: the speech, 150 ms of the room, silence to 0.6 s past it.
+    assert buffers[200].final_key == buffers[500].final_key
+    np.testing.assert_array_equal(after_pause[200], after_pause[500])
+    assert after_pause[200].size == 16000 + 9600
+    np.testing.assert_array_equal(after_pause[200][: 16000 + 2400], buffers[500].snapshot()[:18400])
+    assert not after_pause[200][18400:].any()
+    # Before the pause reaches 150 ms, all of it (and a later finalize would hear more).
+    early = buffers[100].final_snapshot(0.6)
+    assert buffers[100].final_key != buffers[200].final_key
+    np.testing.assert_array_equal(early[:17600], buffers[100].snapshot())
+    assert early.size == 16000 + 9600 and not early[17600:].any()
+
+
+async def test_speech_after_a_pause_gets_a_new_end_decode():
+    # A pause long enough to start the end decode, then more speech: the finalize after the
+    # second pause must hear both parts, not reuse the decode of the first.
+    decoded: list[int] = []
+    backend = slow_whisper(0.1, decoded)
+    events: StreamQueue[RecognizerEvent] = StreamQueue(64)
+    voiced = np.full(320, 0.3, dtype=np.float32)
+    quiet = np.zeros(320, dtype=np.float32)
+
+    async def feed() -> None:
+        for frames in ((voiced, 50), (quiet, 15), (voiced, 25), (quiet, 15)):
+            for _ in range(frames[1]):
+                await events.put(AudioEvent(frames[0]))
+                await asyncio.sleep(0.02)
+        await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
+        events.close()
+
+    results = await recognize_timed(backend, False, events, feed())
+    (final,) = [h for h, _ in results if h.answers is not None]
+    # The speech ends at 1.8 s, then silence to 0.6 s past it; the first pause's decode (1 s of
+    # speech and its 0.6 s) was not reused.
+    assert final.text == "heard 38400", final.text
+    assert decoded == [25600, 38400], decoded
+
+
 def slow_whisper(decode_s: float, decoded: list[int]) -> WhisperAsrBackend:
     """The whisper backend with a stand-in model: `decode_s` per decode, text = samples heard."""
     backend = WhisperAsrBackend(WhisperWeights("whisper-slow-double", folder=Path("/nowhere")))
@@ -316,7 +365,8 @@ async def test_interim_cadence_adapts_to_a_slow_model_and_never_falls_behind():
     results = await recognize_timed(backend, True, events, feed())
     interims = [h for h, _ in results if h.answers is None]
     (final, answered_at), *_ = [(h, t) for h, t in results if h.answers is not None]
-    assert final.text == "heard 48000", "the final decode hears the whole utterance"
+    # The final decode hears the whole utterance, then 0.6 s of silence (FINAL_SILENCE_S).
+    assert final.text == "heard 57600", final.text
     assert final.answers is not None
     # Decodes were skipped, not queued: at most one per decode time while audio arrived, each
     # taking all the audio that had arrived meanwhile; the finalize waits for at most the interim
@@ -364,8 +414,8 @@ async def test_a_finalize_does_not_wait_behind_other_streams_interim_decodes():
     order.append("final")
     await asyncio.gather(feeder, busy, queued)
     pool.close()
-    assert [h.text for h in answers] == ["heard 8000"]
-    assert decoded == [8000], "the interim decode still in line was dropped, not run"
+    assert [h.text for h in answers] == ["heard 17600"], "0.5 s of speech, then 0.6 s of silence"
+    assert decoded == [17600], "the interim decode still in line was dropped, not run"
     assert order == ["busy", "final", "other interim"]
 
 
@@ -395,7 +445,7 @@ async def test_without_interims_a_pause_decodes_ahead_of_the_finalize():
     assert decodes_while_speaking == [0]
     assert len(decoded) == 1, "one decode, at the pause; the finalize reused it"
     final, answered_at = next((h, t) for h, t in results if h.answers is not None)
-    assert final.text.startswith("heard ") and int(final.text.split()[1]) >= 16000
+    assert final.text == "heard 25600", "1 s of speech, then 0.6 s of silence"
     assert final.answers is not None
     assert answered_at - final.answers.received_at < decode_s
 

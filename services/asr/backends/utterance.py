@@ -4,7 +4,8 @@ The servicer finalizes utterances at `max_utterance_s`, so a buffer of that capa
 resampler's tail) never overflows in practice; if it does, the oldest audio is dropped rather
 than memory growing. The energy gate marks where the last voiced 20 ms frame ends, which tells a
 recognizer that an utterance is silence only (answer empty text, no decode that could
-hallucinate) and that audio after a decoded prefix is silence (the prefix's text still holds).
+hallucinate), that audio after a decoded prefix is silence (the prefix's text still holds), and
+what a final decode should hear (`final_snapshot`): the speech, then a fixed amount of silence.
 """
 
 from __future__ import annotations
@@ -81,6 +82,29 @@ class UtteranceAudio:
     def snapshot(self) -> FloatAudio:
         """A copy of the audio held (safe to hand to another thread)."""
         return self._buffer[: self._size].copy()
+
+    @property
+    def heard_end(self) -> int:
+        """Where a final decode's real audio ends: `SETTLE_S` past the last voiced frame."""
+        return min(self._size, self.voiced_end + round(SETTLE_S * self.sample_rate_hz))
+
+    @property
+    def final_key(self) -> tuple[int, int, int]:
+        """Equal for two moments exactly when `final_snapshot` gives the same audio at both."""
+        return (self.dropped, self.voiced_end, self.heard_end)
+
+    def final_snapshot(self, silence_s: float) -> FloatAudio:
+        """The audio a final decode hears, the same however long the caller has been silent.
+
+        The utterance up to `heard_end`, then digital silence up to `silence_s` past the last
+        voiced frame. A decode that starts once the speaker has paused `SETTLE_S` is then the
+        very decode a finalize sent any time later would run, so it can answer that finalize.
+        """
+        end = self.heard_end
+        padded = max(end, self.voiced_end + round(silence_s * self.sample_rate_hz))
+        audio = np.zeros(padded, dtype=np.float32)
+        audio[:end] = self._buffer[:end]
+        return audio
 
     def clear(self) -> None:
         """Start a new utterance."""

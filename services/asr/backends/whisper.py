@@ -6,16 +6,21 @@ the next one takes all the audio that arrived meanwhile (a decode is skipped, th
 behind). All streams share one decode thread (`DecodePool`), where the decode that answers a
 finalize jumps ahead of every interim one.
 
-Two shortcuts keep finalize latency low without changing the text: an utterance whose audio never
-rose above the energy gate is answered with empty text without a decode (Whisper would otherwise
-hallucinate "you" on silence), and when the last decoded prefix reaches 150 ms past the last voiced
-frame (the client's VAD waited for the pause before finalizing) that decode's text is the answer. A
-stream without interim results still decodes once at each pause (`PAUSE_DECODE_S` of silence after
-new speech), where a finalize is likely to follow, so that shortcut serves it too; its text is never
-sent as an interim. Otherwise the finalize waits for one decode of the whole utterance; an interim
-decode of the stream still waiting in line for the decode thread is dropped first (the final decode
-hears more), so a finalize never waits behind other streams' interim decodes. Decodes use an encoder
-window sized to the utterance (`whisper_window`), not 30 s.
+A finalize is answered by a decode of the whole utterance, never by an interim one: an interim
+decode hears the speech cut wherever its turn came, and Whisper drops a last word that the audio
+stops too soon after ("... home from work" -> "... home"). The final decode hears a fixed form of
+the utterance (`UtteranceAudio.final_snapshot`): its audio up to 150 ms past the last voiced
+frame, then digital silence up to `FINAL_SILENCE_S` past it, however long the client waited. So
+the decode can start as soon as the speaker pauses for 150 ms, on the idle CPU while the client's
+VAD waits out its end-of-turn silence, and a finalize during that pause reuses it: it is the very
+decode the finalize would run (same audio, same text as at once). If the speaker goes on, that
+decode is dropped and the next pause starts another; a finalize that comes before a pause, or
+after new speech, waits for a fresh one. An utterance whose audio never rose above the energy
+gate is answered with empty text without a decode (Whisper would otherwise hallucinate "you" on
+silence). A final decode jumps ahead of every interim one on the decode thread, and an interim
+decode of the stream still in line is dropped at a finalize, so a finalize never waits behind
+other streams' interim decodes. Decodes use an encoder window sized to the utterance
+(`whisper_window`), not 30 s.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from services.asr.backend import (
     StreamOptions,
 )
 from services.asr.backends.decode_pool import DecodePool, Priority
-from services.asr.backends.utterance import UtteranceAudio
+from services.asr.backends.utterance import SETTLE_S, UtteranceAudio
 from services.asr.backends.whisper_models import WhisperWeights, resolve_weights
 from services.asr.backends.whisper_window import WindowedDecoder
 from services.asr.settings import AsrSettings
@@ -62,9 +67,14 @@ logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 SAMPLE_RATE = 16000
 #: New audio an utterance needs before another interim decode is worth its CPU.
 INTERIM_STEP_S = 0.25
-#: Without interim results, a pause this long after new speech starts the decode that a finalize
-#: will probably reuse (shorter than any client's end-of-turn wait, longer than a breath).
-PAUSE_DECODE_S = 0.15
+#: A final decode hears the utterance up to SETTLE_S past its last voiced frame, then digital
+#: silence up to this far past it: Whisper drops a last word whose audio stops too soon after it
+#: ("... home from work" -> "... home"), and the silence must not depend on when the client
+#: finalized, so that the decode started at the pause is the very one a finalize would run.
+FINAL_SILENCE_S = 0.6
+#: No interim decode starts after this much silence: the speaker may be done, and an interim
+#: decode on the thread when the pause reaches SETTLE_S would delay the end decode by its length.
+INTERIM_QUIET_S = 0.06
 #: Stability of interim results: Whisper may rewrite any word until the final decode.
 INTERIM_STABILITY = 0.5
 #: Whisper's no-speech rule: a segment is dropped when the model thinks it is not speech.
@@ -209,17 +219,19 @@ class WhisperAsrBackend(AsrBackend):
 
 
 class _WhisperStream:
-    """The recognizer of one stream: its utterance, its latest text, its interim decode."""
+    """The recognizer of one stream: its utterance, its latest text, its interim and end decodes."""
 
     def __init__(self, backend: WhisperAsrBackend, options: StreamOptions) -> None:
         self.backend = backend
         self.options = options
         # The servicer cuts utterances at max_utterance_s; a second more holds the resampler tail.
         self.audio = UtteranceAudio(backend.max_utterance_s + 1.0, SAMPLE_RATE)
-        self.text = ""  # text of the latest decode of this utterance
+        self.text = ""  # text of the latest interim decode of this utterance
         self.covered = 0  # samples of the utterance that text covers
         self.interim: asyncio.Task[_Decoded] | None = None
-        self.interim_started = False  # its turn came: it took its snapshot and is decoding
+        # The final decode started at the speaker's pause, and the audio it took (None: in line).
+        self.ending: asyncio.Task[_Decoded] | None = None
+        self.ending_key: tuple[int, int, int] | None = None
 
     async def run(self, events: StreamQueue[RecognizerEvent]) -> AsyncGenerator[Hypothesis, None]:
         """The recognizer loop (see the module docstring)."""
@@ -235,11 +247,11 @@ class _WhisperStream:
                         yield await self._answer(event)
                 if self.interim is not None and self.interim.done():
                     yield self._take_interim()
+                self._start_ending()
                 self._start_interim()
         finally:
-            if self.interim is not None and not self.interim.done():
-                self.interim.cancel()
-                await asyncio.wait({self.interim})
+            await _discard(self.interim)
+            await _discard(self.ending)
 
     async def _wait(self, events: StreamQueue[RecognizerEvent]) -> list[RecognizerEvent] | None:
         """The next events, or [] when the interim decode finished first; None at the end."""
@@ -259,23 +271,18 @@ class _WhisperStream:
         return None if event is None else [event]
 
     def _start_interim(self) -> None:
-        if self.interim is not None or self.audio.settled(self.covered):
-            return  # one decode at a time; nothing new to hear
-        if self.options.interim_results:
-            if len(self.audio) - self.covered < INTERIM_STEP_S * SAMPLE_RATE:
-                return
-        elif self.audio.trailing_silence_s < PAUSE_DECODE_S:
-            return  # no interims wanted: decode only at a pause, ahead of the likely finalize
-        self.interim_started = False
+        if not self.options.interim_results or self.interim is not None:
+            return  # interims only when asked for, one decode at a time
+        if self.ending is not None or self.audio.settled(self.covered):
+            return  # a pause: the end decode hears it all; or nothing new to hear
+        if self.audio.trailing_silence_s >= INTERIM_QUIET_S:
+            return  # speech may be ending: keep the thread free for the end decode
+        if len(self.audio) - self.covered < INTERIM_STEP_S * SAMPLE_RATE:
+            return
         self.interim = asyncio.create_task(
-            self.backend.decode(Priority.INTERIM, self._interim_snapshot, self.options.language),
+            self.backend.decode(Priority.INTERIM, self.audio.snapshot, self.options.language),
             name=f"{self.options.session_id}-interim",
         )
-
-    def _interim_snapshot(self) -> FloatAudio:
-        """The audio for the interim decode, taken when its turn on the decode thread comes."""
-        self.interim_started = True
-        return self.audio.snapshot()
 
     def _take_interim(self) -> Hypothesis:
         assert self.interim is not None
@@ -286,27 +293,47 @@ class _WhisperStream:
             self.text, 1000.0 * self.covered / SAMPLE_RATE, stability=INTERIM_STABILITY
         )
 
+    def _start_ending(self) -> None:
+        """At a pause in speech, start the decode that a finalize during the pause will reuse."""
+        paused = self.audio.voiced and self.audio.trailing_silence_s >= SETTLE_S
+        if self.ending is not None and not (paused and self._ending_fits()):
+            _drop(self.ending)  # the speaker went on: it heard (or would hear) speech cut short
+            self.ending = None
+        if paused and self.ending is None:
+            self._decode_ending()
+
+    def _decode_ending(self) -> None:
+        self.ending_key = None
+        self.ending = asyncio.create_task(
+            self.backend.decode(Priority.FINAL, self._ending_snapshot, self.options.language),
+            name=f"{self.options.session_id}-final",
+        )
+
+    def _ending_snapshot(self) -> FloatAudio:
+        """The final audio of the utterance, taken when the decode's turn on the thread comes."""
+        self.ending_key = self.audio.final_key
+        return self.audio.final_snapshot(FINAL_SILENCE_S)
+
+    def _ending_fits(self) -> bool:
+        """Whether the end decode heard (or, still in line, will hear) the final audio of now."""
+        return self.ending_key is None or self.ending_key == self.audio.final_key
+
     async def _answer(self, finalize: FinalizeEvent) -> Hypothesis:
-        if self.interim is not None:
-            if self.interim_started or self.interim.done():
-                self._learn(await self.interim)  # may already cover everything that was said
-            else:  # still in line: the decode below hears more, and sooner
-                self.interim.cancel()
-                await asyncio.wait({self.interim})
-            self.interim = None
+        # An interim decode is never the answer: it heard the speech cut short (module doc).
+        await _discard(self.interim)
+        self.interim = None
         if not self.audio.voiced:
             text = ""
-        elif self.audio.settled(self.covered):
-            text = self.text
         else:
-            decoded = await self.backend.decode(
-                Priority.FINAL, self.audio.snapshot, self.options.language
-            )
-            self._learn(decoded)
-            text = decoded.text
+            if self.ending is None or not self._ending_fits():
+                await _discard(self.ending)
+                self._decode_ending()  # the finalize came before a pause, or after more speech
+            assert self.ending is not None
+            text = (await self.ending).text
         stability = INTERIM_STABILITY if finalize.soft else 1.0
         answer = Hypothesis(text, self.audio.duration_ms, answers=finalize, stability=stability)
         if not finalize.soft:
+            self.ending, self.ending_key = None, None
             self.audio.clear()
             self.text, self.covered = "", 0
         return answer
@@ -314,6 +341,27 @@ class _WhisperStream:
     def _learn(self, decoded: _Decoded) -> None:
         if decoded.samples >= self.covered:
             self.text, self.covered = decoded.text, decoded.samples
+
+
+def _drop(task: asyncio.Task[_Decoded]) -> None:
+    """Cancel a decode nobody needs any more, without waiting (one on the thread finishes there)."""
+    task.cancel()
+    task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Task[_Decoded]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed decode nobody waits for is not worth a warning
+
+
+async def _discard(task: asyncio.Task[_Decoded] | None) -> None:
+    """Cancel a decode nobody needs any more (one already on the thread finishes there)."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+    _retrieve(task)
 
 
 async def _next_event(events: StreamQueue[RecognizerEvent]) -> RecognizerEvent | None:
