@@ -12,16 +12,17 @@ import grpc
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, common_pb2
 from services.asr.backend import (
     AsrBackend,
-    AudioEvent,
     FinalizeEvent,
     FinalizeKind,
     Hypothesis,
     RecognizerEvent,
     StreamOptions,
 )
+from services.asr.feed import UtteranceFeed
+from services.asr.riva import SERVICE_NAME as RIVA_SERVICE_NAME
+from services.asr.riva import RivaAsrServicer
 from services.asr.settings import AsrSettings
 from services.runtime import trace_types as names
-from services.runtime.audio import FloatAudio, PcmAssembler, StreamResampler, duration_ms
 from services.runtime.errors import InvalidArgument, rpc_errors
 from services.runtime.ids import check_client_id, new_id
 from services.runtime.languages import resolve_language
@@ -62,6 +63,16 @@ class AsrService(MeshService[AsrSettings, AsrBackend], asr_pb2_grpc.AsrServiceSe
     telemetry_name = "nemotron-asr"
     add_to_server = staticmethod(asr_pb2_grpc.add_AsrServiceServicer_to_server)
 
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add this service and, on the same port, Riva's speech recognition API."""
+        super().register(server)
+        RivaAsrServicer(self).register(server)
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """The v1 service and Riva's."""
+        return (self.service_name, RIVA_SERVICE_NAME)
+
     @rpc_errors
     async def StreamingRecognize(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
@@ -96,8 +107,9 @@ class AsrService(MeshService[AsrSettings, AsrBackend], asr_pb2_grpc.AsrServiceSe
                 self.backend.model_name,
             )
             events: StreamQueue[RecognizerEvent] = StreamQueue(_EVENT_QUEUE_SIZE)
-            reader = _RequestReader(self.settings, self.backend.sample_rate_hz, input_rate)
-            duplex.spawn(reader.run(requests, events), name=f"{options.session_id}-reader")
+            feed = UtteranceFeed(self.settings, self.backend.sample_rate_hz, input_rate, events)
+            reader = _RequestReader(feed)
+            duplex.spawn(reader.run(requests), name=f"{options.session_id}-reader")
             duplex.spawn(
                 self._relay(options, relay, events, duplex),
                 name=f"{options.session_id}-recognizer",
@@ -254,76 +266,27 @@ class _TranscriptRelay:
 
 
 class _RequestReader:
-    """Validates requests after the config and turns them into recognizer events."""
+    """Validates requests after the config and hands audio and finalizes to the feed."""
 
-    def __init__(self, settings: AsrSettings, model_rate: int, input_rate: int) -> None:
-        self.model_rate = model_rate
-        self.max_utterance_samples = round(settings.max_utterance_s * model_rate)
-        self.assembler = PcmAssembler()
-        self.resampler = StreamResampler(input_rate, model_rate)
-        self.stream_samples = 0  # at the model rate, since the stream began
-        self.utterance_start = 0
-        self.utterance_audio_at: float | None = None
+    def __init__(self, feed: UtteranceFeed) -> None:
+        self.feed = feed
 
-    async def run(
-        self, requests: AsyncIterator[Request], events: StreamQueue[RecognizerEvent]
-    ) -> None:
+    async def run(self, requests: AsyncIterator[Request]) -> None:
         """Read until the client half-closes; then finalize pending audio and end the events."""
         async for request in requests:
             kind = request.WhichOneof("request")
             if kind == "audio":
-                await self._audio(request.audio, events)
+                await self.feed.audio(request.audio)
             elif kind == "finalize":
                 utterance_id = check_client_id(
                     request.finalize.utterance_id, "finalize.utterance_id"
                 )
                 soft = FinalizeKind.SOFT if request.finalize.soft else FinalizeKind.FINALIZE
-                await self._finalize(
-                    utterance_id, soft, events, trace_context=dict(request.finalize.trace_context)
+                await self.feed.finalize(
+                    utterance_id, soft, trace_context=dict(request.finalize.trace_context)
                 )
             elif kind == "config":
                 raise opening_request_repeated("config")
             else:
                 raise unknown_request("config, audio or finalize")
-        if self.stream_samples > self.utterance_start:
-            await self._finalize("", FinalizeKind.END_OF_STREAM, events)
-        events.close()
-
-    async def _audio(self, data: bytes, events: StreamQueue[RecognizerEvent]) -> None:
-        samples = self.resampler.push(self.assembler.push(data))
-        while samples.size:
-            room = self.utterance_start + self.max_utterance_samples - self.stream_samples
-            head, samples = samples[:room], samples[room:]
-            await self._emit(head, events)
-            if self.stream_samples - self.utterance_start >= self.max_utterance_samples:
-                await self._finalize("", FinalizeKind.MAX_DURATION, events, flush=False)
-
-    async def _finalize(
-        self,
-        utterance_id: str,
-        kind: FinalizeKind,
-        events: StreamQueue[RecognizerEvent],
-        flush: bool = True,
-        trace_context: dict[str, str] | None = None,
-    ) -> None:
-        if kind is not FinalizeKind.SOFT and flush:
-            await self._emit(self.resampler.flush(), events)
-        event = FinalizeEvent(
-            utterance_id=utterance_id,
-            kind=kind,
-            start_ms=duration_ms(self.utterance_start, self.model_rate),
-            end_ms=duration_ms(self.stream_samples, self.model_rate),
-            audio_started_at=self.utterance_audio_at,
-            trace_context=trace_context or {},
-        )
-        await events.put(event)
-        if kind is not FinalizeKind.SOFT:
-            self.utterance_start = self.stream_samples
-            self.utterance_audio_at = None
-
-    async def _emit(self, samples: FloatAudio, events: StreamQueue[RecognizerEvent]) -> None:
-        if samples.size:
-            if self.utterance_audio_at is None:
-                self.utterance_audio_at = time.perf_counter()
-            self.stream_samples += samples.size
-            await events.put(AudioEvent(samples))
+        await self.feed.end()

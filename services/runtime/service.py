@@ -45,8 +45,17 @@ class MeshService(ABC, Generic[SettingsT, BackendT]):
         self.telemetry = Telemetry()
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Add the servicer to `server`."""
+        """Add the servicer to `server` (overrides also add their `service_names` companions)."""
         type(self).add_to_server(self, server)
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """Every gRPC service `register` adds, for health and reflection: this one by default.
+
+        A service that also serves another API over the same backend and limits (the ASR and
+        TTS servers' Riva-compatible API) overrides `register` and lists those services here.
+        """
+        return (self.service_name,)
 
     async def load(self) -> None:
         """Load and warm up the model; called once after the server starts listening."""

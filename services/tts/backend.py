@@ -14,6 +14,7 @@ from enum import Enum
 
 from services.runtime.audio import FloatAudio
 from services.runtime.backend import Backend
+from services.runtime.errors import InvalidArgument
 from services.tts.settings import TtsSettings
 
 
@@ -31,6 +32,23 @@ class Voice:
     name: str
     languages: tuple[str, ...]
     sample_rate_hz: int
+
+
+def pick_voice(voices: Sequence[Voice], name: str, field: str) -> Voice:
+    """The voice called `name`, the first one when `name` is empty.
+
+    Raises:
+        InvalidArgument: no voice has that name (naming `field` and the voices there are).
+    """
+    if not name:
+        return voices[0]
+    for voice in voices:
+        if voice.name == name:
+            return voice
+    raise InvalidArgument(
+        f"unknown voice {name!r} in {field}; choose one of: {', '.join(v.name for v in voices)}",
+        field=field,
+    )
 
 
 @dataclass(frozen=True)

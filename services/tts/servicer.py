@@ -17,7 +17,9 @@ from services.runtime.languages import resolve_language
 from services.runtime.protocol import first_request_required
 from services.runtime.service import MeshService
 from services.runtime.streams import Duplex
-from services.tts.backend import TtsBackend, Voice
+from services.tts.backend import TtsBackend, pick_voice
+from services.tts.riva import SERVICE_NAME as RIVA_SERVICE_NAME
+from services.tts.riva import RivaTtsServicer
 from services.tts.session import CallConfig, Request, Response, SynthesisSession
 from services.tts.settings import TtsSettings
 
@@ -39,6 +41,16 @@ class TtsService(MeshService[TtsSettings, TtsBackend], tts_pb2_grpc.TtsServiceSe
     service_name = tts_pb2.DESCRIPTOR.services_by_name["TtsService"].full_name
     telemetry_name = "nemotron-tts"
     add_to_server = staticmethod(tts_pb2_grpc.add_TtsServiceServicer_to_server)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add this service and, on the same port, Riva's speech synthesis API."""
+        super().register(server)
+        RivaTtsServicer(self).register(server)
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """The v1 service and Riva's."""
+        return (self.service_name, RIVA_SERVICE_NAME)
 
     @rpc_errors
     async def Synthesize(
@@ -85,7 +97,7 @@ class TtsService(MeshService[TtsSettings, TtsBackend], tts_pb2_grpc.TtsServiceSe
         if kind != "config":
             raise first_request_required("config", kind, "text, close or cancel")
         config = first.config
-        voice = self._voice(config.voice)
+        voice = pick_voice(list(self.backend.voices), config.voice, "config.voice")
         language = resolve_language(
             config.language, voice.languages, voice.languages[0], field="config.language"
         )
@@ -99,15 +111,3 @@ class TtsService(MeshService[TtsSettings, TtsBackend], tts_pb2_grpc.TtsServiceSe
         if config.encoding not in _ACCEPTED_ENCODINGS:
             raise InvalidArgument("only LINEAR16 audio is offered", field="config.encoding")
         return CallConfig(voice=voice, language=language, sample_rate_hz=rate)
-
-    def _voice(self, name: str) -> Voice:
-        voices = list(self.backend.voices)
-        if not name:
-            return voices[0]
-        for voice in voices:
-            if voice.name == name:
-                return voice
-        raise InvalidArgument(
-            f"unknown voice {name!r}; choose one of: {', '.join(v.name for v in voices)}",
-            field="config.voice",
-        )
