@@ -17,6 +17,9 @@ stalled), and so is one the server ends. Any other status ends the session with 
 that marks the adapter unusable (Pipecat's `force_treat_as_permanent`, as `WebsocketService` does
 when it gives up), unless the adapter confines it: such a status says the request is wrong, so
 dialling again, even after a wait, would repeat the error, or hide a bug, for the whole session.
+So does a security mismatch that gRPC reports as UNAVAILABLE (a plaintext adapter meeting a TLS
+server): `clients.security.diagnose` tells it from a server that is down, and the ErrorFrame
+says what to set instead of retrying for ever.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pipecat.frames.frames import CancelFrame, EndFrame, StartFrame
 from pipecat.services.ai_service import AIService
 
 from bots.grpc_client import Backoff, describe, is_retryable, open_channel
+from clients.security import ClientSecurity, diagnose
 
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
@@ -48,6 +52,8 @@ class GrpcCallService(AIService, Generic[RequestT, ResponseT]):
 
     Args:
         target: The server, e.g. "127.0.0.1:8080".
+        security: TLS and token of the channel; None reads them from the environment
+            (NEMOTRON_TLS_CA, NEMOTRON_TOKEN_FILE, ...) when the pipeline starts.
         outbox_size: Requests queued for the writer task while the server is slow (0: no outbox;
             the adapter writes with `_send`). Beyond it the oldest `_droppable` request is lost.
         response_timeout_s: Longest wait for each message from the server (None: no limit).
@@ -63,12 +69,14 @@ class GrpcCallService(AIService, Generic[RequestT, ResponseT]):
         self,
         *,
         target: str,
+        security: ClientSecurity | None = None,
         outbox_size: int = 0,
         response_timeout_s: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.target = target
+        self.security = security
         self.response_timeout_s = response_timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -122,7 +130,8 @@ class GrpcCallService(AIService, Generic[RequestT, ResponseT]):
     async def start(self, frame: StartFrame) -> None:
         """Open the channel and, with `keep_open`, the session's call."""
         await super().start(frame)
-        self._channel = open_channel(self.target)
+        self.security = self.security or ClientSecurity.from_env()
+        self._channel = open_channel(self.target, self.security)
         if self.keep_open:
             self._session = self.create_task(
                 self._keep_call(), f"grpc-{self.label.lower()}-session"
@@ -196,8 +205,19 @@ class GrpcCallService(AIService, Generic[RequestT, ResponseT]):
             await asyncio.sleep(self._backoff.next_delay())
 
     async def _reopens_after(self, error: Exception) -> bool:
+        assert self.security is not None
+        reason = await diagnose(error, self.target, self.security)
+        if reason and not self.security.uses_tls:  # a TLS server: plaintext never gets through
+            await self.push_error(
+                f"{self.label} call failed: {describe(error)}; {reason}",
+                force_treat_as_permanent=True,
+            )
+            return False
         if is_retryable(error):
-            logger.warning(f"{self}: {self.label} at {self.target}: {describe(error)}; retrying")
+            hint = f" ({reason})" if reason else ""  # e.g. mutual TLS refused our certificate
+            logger.warning(
+                f"{self}: {self.label} at {self.target}: {describe(error)}{hint}; retrying"
+            )
             return True
         if isinstance(error, grpc.aio.AioRpcError):
             if await self._on_fault(error):

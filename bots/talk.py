@@ -2,12 +2,14 @@
 
 The question plays into the bot's pipeline as a microphone would (real time, then silence); the
 reply's audio is written to a WAV file; the transcript, the reply text and each stage's TTFB are
-printed. It talks to running servers (NVIDIA_ASR_URL, NVIDIA_TTS_URL, NVIDIA_LLM_URL).
+printed. It talks to running servers (NVIDIA_ASR_URL, NVIDIA_TTS_URL, NVIDIA_LLM_URL), with the
+TLS and token of its flags or of the NEMOTRON_TLS_* and NEMOTRON_TOKEN* variables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from bots.names import DEFAULT_BOT
 from bots.pipeline import BotConfig, build_worker, turns_of
 from bots.tracing import configure_bot_tracing, flush_bot_tracing
 from bots.wav_transport import WavFileTransport, read_wav, write_wav
+from clients.security import ClientSecurity
 
 STAGES = {"GrpcSTTService": "asr", "GrpcChunkedLLMService": "llm", "GrpcTTSService": "tts"}
 
@@ -58,11 +61,16 @@ class TurnWatch(BaseObserver):
 
 
 async def talk(
-    question: Path, reply: Path, bot: str = DEFAULT_BOT, timeout_s: float = 120.0
+    question: Path,
+    reply: Path,
+    bot: str = DEFAULT_BOT,
+    timeout_s: float = 120.0,
+    security: ClientSecurity | None = None,
 ) -> int:
-    """Run one turn; returns the process exit code."""
+    """Run one turn; returns the process exit code. `security`: None reads the environment."""
     configure_bot_tracing()
     config: BotConfig = importlib.import_module(f"bots.{bot}").CONFIG
+    config = dataclasses.replace(config, security=security)
     transport = WavFileTransport(read_wav(question, 16000))
     worker, services = build_worker(config, transport)
     watch = TurnWatch()

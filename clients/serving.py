@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.retry import Backoff
+from clients.channel import open_channel
+from clients.retry import Backoff, describe
+from clients.security import ClientSecurity, diagnose, tls_mismatch
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -26,28 +28,49 @@ _RECONNECT_OPTIONS = [
 ]
 
 
-async def wait_serving(target: str, timeout_s: float = 180.0, service: str = "") -> None:
+async def wait_serving(
+    target: str,
+    timeout_s: float = 180.0,
+    service: str = "",
+    security: ClientSecurity | None = None,
+) -> None:
     """Return once the server at `target` reports SERVING for `service` ("" is the whole server).
 
     Watches the health service rather than polling it: the server pushes each change of status,
     and the call waits for the connection while the server is not listening yet. A call that
     fails (the server restarting, or one without health) is made again after a backoff.
+    `security` is the channel's TLS and token (None: from the environment).
 
     Raises:
-        TimeoutError: not SERVING within `timeout_s` seconds.
+        TimeoutError: not SERVING within `timeout_s` seconds; the message says why when a
+            call failed on the way (a refused token, a TLS mismatch).
     """
+    security = ClientSecurity.from_env() if security is None else security
+    failures: list[grpc.aio.AioRpcError] = []
     try:
         async with asyncio.timeout(timeout_s):
-            await _watch_until_serving(target, service)
+            await _watch_until_serving(target, service, security, failures)
     except TimeoutError:
+        if failures:
+            reason = await diagnose(failures[-1], target, security) or describe(failures[-1])
+        else:  # the call waited for a connection that never came: perhaps TLS meets plaintext
+            reason = await tls_mismatch(target, security)
         raise TimeoutError(
             f"the server at {target} did not become ready in {timeout_s:g} s"
+            + (f"; last error: {reason}" if reason else "")
         ) from None
 
 
-async def _watch_until_serving(target: str, service: str) -> None:
+async def _watch_until_serving(
+    target: str,
+    service: str,
+    security: ClientSecurity,
+    failures: list[grpc.aio.AioRpcError],
+) -> None:
     backoff = Backoff(first_s=0.1, ceiling_s=1.0)
-    async with grpc.aio.insecure_channel(target, options=_RECONNECT_OPTIONS) as channel:
+    # Unbalanced: this is a health check itself, so the channel must reach a server that is not
+    # SERVING yet (a balanced channel hides it); with several replicas, the first one answers.
+    async with open_channel(target, security, _RECONNECT_OPTIONS, balanced=False) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=service)
         while True:
@@ -56,8 +79,8 @@ async def _watch_until_serving(target: str, service: str) -> None:
                 async for reply in health.Watch(request, wait_for_ready=True):
                     if reply.status == SERVING:
                         return
-            except grpc.aio.AioRpcError:
-                pass
+            except grpc.aio.AioRpcError as error:
+                failures[:] = [error]
             await asyncio.sleep(backoff.next_delay())
 
 

@@ -5,6 +5,10 @@ control, TTS of every chunk) against running servers, ramping up by steps until 
 latency's p95 passes a bound. Prints a table, writes a JSON and a PNG plot. Loopback only.
 
     python -m loadtest --steps 1,2,4,8 --turns 3 [--wav question.wav]
+    python -m loadtest failover --replicas 3   (replicas killed and drained: loadtest/failover.py)
+
+A target may name several replicas (`ipv4:127.0.0.2:8080,127.0.0.3:8080`): the callers' channels
+balance over them as every client of the mesh does.
 
 The question is spoken by the TTS server itself unless --wav gives a 16 kHz mono WAV.
 """
@@ -19,8 +23,13 @@ import wave
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
+from clients.channel import open_channel
+from clients.security import (
+    ClientSecurity,
+    ClientSecurityError,
+    add_security_flags,
+    security_from_args,
+)
 from clients.targets import Targets, target_of
 from loadtest.conversation import CallPlan
 from loadtest.ramp import ramp, report, write_json, write_plot
@@ -76,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, default=Path("artifacts/loadtest.json"))
     parser.add_argument("--png", type=Path, default=Path("artifacts/loadtest.png"))
+    add_security_flags(parser)
     return parser
 
 
-async def spoken_question(tts_target: str, text: str) -> bytes:
+async def spoken_question(
+    tts_target: str, text: str, security: ClientSecurity | None = None
+) -> bytes:
     """The question as 16 kHz LINEAR16, spoken by the TTS server under test."""
-    async with grpc.aio.insecure_channel(tts_target) as channel:
+    async with open_channel(tts_target, security) as channel:
         requests = [
             tts_pb2.SynthesizeRequest(config=tts_pb2.SynthesisConfig(sample_rate_hz=16000)),
             tts_pb2.SynthesizeRequest(
@@ -107,8 +119,13 @@ def read_wav(path: Path) -> bytes:
 
 
 def check_loopback(*targets: str) -> None:
-    """The load test only ever targets this machine."""
-    for target in targets:
+    """The load test only ever targets this machine (every replica a target names)."""
+    addresses = [
+        address
+        for target in targets
+        for address in target.removeprefix("dns:///").removeprefix("ipv4:").split(",")
+    ]
+    for target in addresses:
         host = target.rsplit(":", 1)[0].strip("[]")
         if host == "localhost":
             continue
@@ -121,14 +138,25 @@ def check_loopback(*targets: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["failover"]:
+        from loadtest.failover import main as failover
+
+        return failover(argv[1:])
     args = build_parser().parse_args(argv)
     steps = [int(n) for n in args.steps.split(",")]
     if not 1 <= args.turns <= 50 or any(not 1 <= n <= 64 for n in steps):
         raise SystemExit("--turns must be 1-50 and each step 1-64 callers")
     check_loopback(args.asr, args.tts, args.llm)
+    try:
+        security = security_from_args(args)
+    except ClientSecurityError as err:
+        raise SystemExit(str(err)) from None
     targets = Targets(asr=args.asr, tts=args.tts, llm=args.llm)
     question = (
-        read_wav(args.wav) if args.wav else asyncio.run(spoken_question(args.tts, args.question))
+        read_wav(args.wav)
+        if args.wav
+        else asyncio.run(spoken_question(args.tts, args.question, security))
     )
     seconds = len(question) / 32000
     print(f"question: {seconds:.1f} s of audio; steps {steps}, {args.turns} turns per caller")
@@ -144,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 interim_results=not args.no_interim,
                 listen=not args.no_listen,
                 stagger=not args.no_stagger,
+                security=security,
             ),
             args.p95_bound_ms,
         )

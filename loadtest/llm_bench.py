@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from clients.channel import open_channel
 from clients.serving import start_server, wait_serving
 from loadtest.stats import Summary, table
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
@@ -187,7 +188,7 @@ async def run(args: argparse.Namespace) -> int:
             extra += ["--model", args.model] if args.model else []
             process, target = await start_server("services.llm", extra)
         await wait_serving(target)
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_channel(target) as channel:
             stub = llm_pb2_grpc.LlmServiceStub(channel)
             figures = await measure(stub, args, deadline)
         if process is not None:
@@ -294,7 +295,7 @@ async def sweep(args: argparse.Namespace, deadline: float) -> list[dict[str, Any
         try:
             await wait_serving(target)
             rss_loaded = server_memory_mib(process.pid)
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with open_channel(target) as channel:
                 stub = llm_pb2_grpc.LlmServiceStub(channel)
                 await ask(stub, [("user", "Hello")], 4)
                 rates = [await alone_rate(stub, args.max_tokens, i) for i in range(args.alone)]

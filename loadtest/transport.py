@@ -37,6 +37,8 @@ import psutil
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from clients.channel import open_channel
+from clients.security import ClientSecurity
 from loadtest.stats import Summary, table
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, tts_pb2, tts_pb2_grpc
 from services.asr.backend import (
@@ -209,6 +211,10 @@ async def serve_websocket() -> None:
 
 # ---- clients ------------------------------------------------------------------------------------
 
+# The servers above are plaintext on loopback, whatever the environment says: this measures the
+# transport itself (TLS would add its handshake once per channel and its record layer per message).
+PLAINTEXT = ClientSecurity()
+
 # One exchange: send one unit of input, wait for its whole output; returns when done.
 Exchange = Callable[[], Awaitable[None]]
 
@@ -222,7 +228,7 @@ class Session:
 
 
 async def grpc_asr_session(target: str) -> Session:
-    channel = grpc.aio.insecure_channel(target)
+    channel = open_channel(target, PLAINTEXT)
     call = asr_pb2_grpc.AsrServiceStub(channel).StreamingRecognize()
     request = asr_pb2.StreamingRecognizeRequest
     config = asr_pb2.RecognitionConfig(sample_rate_hz=RATE, interim_results=True)
@@ -242,7 +248,7 @@ async def grpc_asr_session(target: str) -> Session:
 
 
 async def grpc_tts_session(target: str) -> Session:
-    channel = grpc.aio.insecure_channel(target)
+    channel = open_channel(target, PLAINTEXT)
     call = tts_pb2_grpc.TtsServiceStub(channel).Synthesize()
     request = tts_pb2.SynthesizeRequest
     await call.write(request(config=tts_pb2.SynthesisConfig()))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from clients.channel import open_channel
 from clients.serving import start_server, wait_serving
 from loadtest.stats import Summary, table
 from loadtest.testset import SENTENCES, word_error_rate
@@ -79,7 +80,7 @@ async def run(args: argparse.Namespace) -> int:
             servers.append(process)
         await wait_serving(target)
         figures: dict[str, object] = {"target": target}
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_channel(target) as channel:
             stub = tts_pb2_grpc.TtsServiceStub(channel)
             voices = (await stub.ListVoices(tts_pb2.ListVoicesRequest())).voices
             figures["voice"] = (
@@ -331,7 +332,7 @@ async def transcribe_grpc(target: str, pcm: list[bytes]) -> list[str]:
 
     answered = [asyncio.Event() for _ in pcm]
     texts: dict[int, str] = {}
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target) as channel:
         call = asr_pb2_grpc.AsrServiceStub(channel).StreamingRecognize(requests())
         async for response in call:
             transcript = response.transcript

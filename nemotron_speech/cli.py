@@ -10,6 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bots.names import BOTS
+from clients.security import (
+    ClientSecurity,
+    ClientSecurityError,
+    add_security_flags,
+    security_from_args,
+)
 from clients.targets import target_of
 from nemotron_speech.probe import format_table, probe_all
 from nemotron_speech.stack import STAGES, add_stack_parser, run_stack
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--host", default="127.0.0.1")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds per server")
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    add_security_flags(health)
     add_stack_parser(subparsers)
     add_trace_report_parser(subparsers)
     bot = subparsers.add_parser(
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--out", dest="reply", type=Path, required=True, help="reply WAV to write")
     talk.add_argument("--bot", default="simple_vad", choices=BOTS, help="pipeline to use")
     talk.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    add_security_flags(talk)
     return parser
 
 
@@ -85,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve-all":
         return asyncio.run(_serve_all(_stages(args.stages), args.ready_timeout))
     if args.command == "health":
-        return asyncio.run(_health(_stages(args.stages), args.host, args.timeout, args.quiet))
+        security = _security(args)
+        return asyncio.run(
+            _health(_stages(args.stages), args.host, args.timeout, args.quiet, security)
+        )
     if args.command == "stack":
         return run_stack(args)
     if args.command == "trace-report":
@@ -97,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not args.question.is_file():
             raise SystemExit(f"no such WAV file: {args.question}")
-        return asyncio.run(talk_once(args.question, args.reply, args.bot, args.timeout))
+        security = _security(args)
+        return asyncio.run(talk_once(args.question, args.reply, args.bot, args.timeout, security))
     if args.command == "bot":
         from bots.runner import main as run_bot  # imports Pipecat: only when asked for
 
@@ -114,8 +126,19 @@ def _stages(given: list[str]) -> list[str]:
     return stages
 
 
-async def _health(stages: list[str], host: str, timeout_s: float, quiet: bool) -> int:
-    statuses = await probe_all({s: target_of(s, host) for s in stages}, timeout_s)
+def _security(args: argparse.Namespace) -> ClientSecurity:
+    """The client security the flags and NEMOTRON_TLS_*/NEMOTRON_TOKEN* variables give."""
+    try:
+        return security_from_args(args)
+    except ClientSecurityError as err:
+        raise SystemExit(f"nemotron-speech {args.command}: {err}") from None
+
+
+async def _health(
+    stages: list[str], host: str, timeout_s: float, quiet: bool, security: ClientSecurity
+) -> int:
+    targets = {s: target_of(s, host) for s in stages}
+    statuses = await probe_all(targets, timeout_s, security)
     if not quiet:
         print(format_table(statuses))
     return 0 if all(s.serving for s in statuses) else 1

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.channel import open_channel
+from clients.security import ClientSecurity, diagnose
 from nemotron.speech.v1 import info_pb2, info_pb2_grpc
 
 
@@ -30,15 +32,25 @@ class ServerStatus:
         return self.health == "SERVING"
 
 
-async def probe(name: str, target: str, timeout_s: float = 2.0) -> ServerStatus:
-    """Health and info of the server at `target`; DOWN with the reason if it cannot be asked."""
-    async with grpc.aio.insecure_channel(target) as channel:
+async def probe(
+    name: str, target: str, timeout_s: float = 2.0, security: ClientSecurity | None = None
+) -> ServerStatus:
+    """Health and info of the server at `target`; DOWN with the reason if it cannot be asked.
+
+    `security` is the channel's TLS and token (None: from the environment).
+    """
+    security = ClientSecurity.from_env() if security is None else security
+    # Unbalanced: a balanced channel would hide a server that is not SERVING, whose state this
+    # reports.
+    async with open_channel(target, security, balanced=False) as channel:
         try:
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
             )
         except grpc.aio.AioRpcError as err:
-            return ServerStatus(name, target, "DOWN", error=err.code().name)
+            reason = await diagnose(err, target, security)
+            error = f"{err.code().name}: {reason}" if reason else err.code().name
+            return ServerStatus(name, target, "DOWN", error=error)
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
         try:
             info = await info_pb2_grpc.ServerInfoServiceStub(channel).GetServerInfo(
@@ -51,9 +63,14 @@ async def probe(name: str, target: str, timeout_s: float = 2.0) -> ServerStatus:
         )
 
 
-async def probe_all(targets: dict[str, str], timeout_s: float = 2.0) -> list[ServerStatus]:
+async def probe_all(
+    targets: dict[str, str], timeout_s: float = 2.0, security: ClientSecurity | None = None
+) -> list[ServerStatus]:
     """Probe several servers at once."""
-    return list(await asyncio.gather(*(probe(name, t, timeout_s) for name, t in targets.items())))
+    security = ClientSecurity.from_env() if security is None else security
+    return list(
+        await asyncio.gather(*(probe(name, t, timeout_s, security) for name, t in targets.items()))
+    )
 
 
 def format_table(statuses: list[ServerStatus]) -> str:

@@ -19,6 +19,12 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from clients.security import (
+    ClientSecurity,
+    ClientSecurityError,
+    add_security_flags,
+    security_from_args,
+)
 from clients.targets import target_of
 from nemotron_speech.probe import format_table, probe_all
 from services.llm.backends.model_source import (
@@ -97,6 +103,7 @@ def add_stack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
     status = actions.add_parser("status", help="each server's health, backend and model")
     status.add_argument("--host", default="127.0.0.1", help="where the servers' ports are")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds per server")
+    add_security_flags(status)
     logs = actions.add_parser("logs", help="follow the logs of one service or all")
     logs.add_argument(
         "service", nargs="?", choices=(*STAGES, "bot", "bot-gpu", "jaeger", "vllm", GPU_SERVICE)
@@ -108,7 +115,12 @@ def add_stack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
 def run_stack(args: argparse.Namespace) -> int:
     """Carry out `args.action`; returns the exit code."""
     if args.action == "status":
-        return asyncio.run(_status(args.host, args.timeout))
+        try:
+            security = security_from_args(args)
+        except ClientSecurityError as err:
+            print(f"nemotron-speech stack status: {err}", file=sys.stderr)
+            return 2
+        return asyncio.run(_status(args.host, args.timeout, security))
     compose_file = compose_file_path()
     compose = _compose_base(compose_file)
     if compose is None or compose_file is None:
@@ -200,8 +212,8 @@ def _note_if_not_cached(model: str, hub_cache: Path) -> None:
     )
 
 
-async def _status(host: str, timeout_s: float) -> int:
-    statuses = await probe_all({s: target_of(s, host) for s in STAGES}, timeout_s)
+async def _status(host: str, timeout_s: float, security: ClientSecurity) -> int:
+    statuses = await probe_all({s: target_of(s, host) for s in STAGES}, timeout_s, security)
     print(format_table(statuses))
     return 0 if all(s.serving for s in statuses) else 1
 

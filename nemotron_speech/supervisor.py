@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from clients.security import ClientSecurity
 from nemotron_speech.probe import probe
 
 log = logging.getLogger(__name__)
@@ -40,18 +41,31 @@ class Supervisor:
             if child.returncode is not None:
                 raise RuntimeError(f"{name} exited ({child.returncode}) while starting")
 
-    async def wait_serving(self, targets: dict[str, str], timeout_s: float) -> None:
-        """Wait until every target reports SERVING; fail early if a child exits."""
+    async def wait_serving(
+        self, targets: dict[str, str], timeout_s: float, security: ClientSecurity | None = None
+    ) -> None:
+        """Wait until every target reports SERVING; fail early if a child exits.
+
+        `security` is how to reach them (None: from the environment).
+        """
         deadline = time.monotonic() + timeout_s
         pending = dict(targets)
+        security = ClientSecurity.from_env() if security is None else security
+        last: dict[str, str] = {}
         while pending:
             self.check_alive()
             for name, target in list(pending.items()):
-                if (await probe(name, target, timeout_s=1.0)).serving:
+                status = await probe(name, target, timeout_s=1.0, security=security)
+                last[name] = status.error
+                if status.serving:
                     log.info("%s is SERVING at %s", name, target)
                     del pending[name]
             if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"not SERVING after {timeout_s:g} s: {', '.join(pending)}")
+                why = "; ".join(f"{n}: {last[n]}" for n in pending if last.get(n))
+                raise TimeoutError(
+                    f"not SERVING after {timeout_s:g} s: {', '.join(pending)}"
+                    + (f" ({why})" if why else "")
+                )
             if pending:
                 await asyncio.sleep(0.5)
 

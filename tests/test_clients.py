@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bots import grpc_client
+from clients.channel import KEEPALIVE_TIME_MS
 from clients.retry import RETRYABLE_CODES, is_retryable
 from clients.serving import wait_serving
 from clients.targets import DEFAULT_PORTS, TARGET_ENV, Targets, target_of
@@ -20,6 +21,7 @@ from services.asr.servicer import AsrService
 from services.asr.settings import AsrSettings
 from services.llm.settings import LlmSettings
 from services.runtime import errors
+from services.runtime.server import MIN_CLIENT_PING_INTERVAL_MS
 from services.tts.settings import TtsSettings
 from tests.doubles import CountingAsrBackendDouble, LoadGate
 from tests.servers import free_port, running
@@ -155,3 +157,9 @@ def test_a_service_main_runs_without_the_cli():
     )
     assert done.returncode == 3  # the same exit code as `nemotron-speech serve llm`
     assert "unknown llm backend 'nope'" in done.stderr
+
+
+def test_client_keepalive_pings_are_within_what_the_servers_allow():
+    # A client pinging more often than the server tolerates gets GOAWAY too_many_pings and
+    # loses its idle channel; jitter makes pings early, hence the margin.
+    assert KEEPALIVE_TIME_MS >= 1.5 * MIN_CLIENT_PING_INTERVAL_MS

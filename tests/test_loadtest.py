@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.__main__ import check_loopback
 from loadtest.transport import report as transport_report
 from loadtest.transport import run as run_transport
 from services.asr.servicer import AsrService
@@ -72,6 +73,12 @@ async def test_loadtest_ramps_and_writes_table_json_and_png(tmp_path):
     first = document["steps"][0]["latency_ms"]
     assert 0 < first["asr_ttfb_ms"]["p50"] and 0 < first["turn_ms"]["p50"]
     assert (tmp_path / "lt.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_loadtest_takes_replica_lists_on_loopback_only():
+    check_loopback("ipv4:127.0.0.2:8080,127.0.0.3:8080", "dns:///localhost:8001", "[::1]:8000")
+    with pytest.raises(SystemExit, match="loopback only"):
+        check_loopback("ipv4:127.0.0.2:8080,10.1.2.3:8080")
 
 
 async def test_loadtest_refuses_non_loopback_targets():

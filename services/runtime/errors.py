@@ -85,6 +85,15 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(ServiceError):
+    """The call carries no accepted credentials (a missing or refused bearer token).
+
+    The message says what is missing; it never repeats the credentials the client sent.
+    """
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class DeadlineExceeded(ServiceError):
     """A bounded wait ran out."""
 
@@ -174,6 +183,7 @@ __all__ = [
     "InvalidArgument",
     "ResourceExhausted",
     "ServiceError",
+    "Unauthenticated",
     "Unavailable",
     "abort_for",
     "rpc_errors",

@@ -4,7 +4,9 @@
   `OTEL_TRACES_EXPORTER` names an exporter; `NEMOTRON_TRACE_FILE=path` also writes OTLP JSON lines
   (what `nemotron-speech trace-report` reads). Sampling follows `OTEL_TRACES_SAMPLER`; the
   service name `OTEL_SERVICE_NAME`.
-- Metrics (the TTFB histograms) are served for Prometheus on `NEMOTRON_PROMETHEUS_PORT`.
+- Metrics (the TTFB histograms, and the gauges of active and allowed streams that autoscalers
+  read) are served for Prometheus on `NEMOTRON_PROMETHEUS_PORT`, bound to
+  `NEMOTRON_PROMETHEUS_HOST` (default 127.0.0.1; 0.0.0.0 in a pod, for the cluster's Prometheus).
 - When nothing is set no provider, exporter or instrumentation is created, and `Telemetry.enabled`
   is False: the servicers skip every span, so tracing costs nothing on the hot path.
 - Transcripts and prompts become span attributes only with `NEMOTRON_TRACE_CONTENT=true`.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +96,20 @@ def current_trace_context() -> dict[str, str]:
 
 _configured: Telemetry | None = None
 
+#: What the stream gauges read at each scrape: (service name, active streams, allowed streams).
+StreamCounts = Callable[[], tuple[str, int, int]]
+_stream_counts: list[StreamCounts] = []
+
+
+def observe_streams(counts: StreamCounts) -> Callable[[], None]:
+    """Report a server's active and allowed streams on the stream gauges at every scrape.
+
+    One pair of gauges per process serves every server in it, labelled by service name.
+    Returns the function that stops reporting them (when the server stops).
+    """
+    _stream_counts.append(counts)
+    return lambda: _stream_counts.remove(counts)
+
 
 def configure_telemetry(
     default_service_name: str, env: Mapping[str, str] = os.environ
@@ -160,7 +176,8 @@ def _configure_metrics(telemetry: Telemetry, resource: Any, port: int) -> None:
 
     from services.runtime import trace_types as names
 
-    metrics_server, _thread = start_http_server(port, addr="127.0.0.1")
+    host = os.environ.get("NEMOTRON_PROMETHEUS_HOST", "127.0.0.1")
+    metrics_server, _thread = start_http_server(port, addr=host)
     provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
     metrics.set_meter_provider(provider)
     meter = provider.get_meter("nemotron.speech")
@@ -168,9 +185,32 @@ def _configure_metrics(telemetry: Telemetry, resource: Any, port: int) -> None:
         telemetry.histograms[metric] = meter.create_histogram(
             metric, unit="ms", description="time to first byte of the stage"
         )
+    # The autoscaler's signal (Kubernetes HPA through prometheus-adapter): streams held now, and
+    # the limit beyond which a replica refuses new ones.
+    meter.create_observable_gauge(
+        names.METRIC_STREAMS_ACTIVE,
+        callbacks=[_streams_observer(active=True)],
+        description="streams open now (each holds one of --max-streams slots)",
+    )
+    meter.create_observable_gauge(
+        names.METRIC_STREAMS_MAX,
+        callbacks=[_streams_observer(active=False)],
+        description="streams allowed at once (--max-streams); more are refused",
+    )
     telemetry.enabled = True  # with tracing off, the tracer stays a no-op
     # The bound port, which port 0 (any free one) only tells here.
-    log.info("Prometheus metrics on 127.0.0.1:%d/metrics", metrics_server.server_port)
+    log.info("Prometheus metrics on %s:%d/metrics", host, metrics_server.server_port)
+
+
+def _streams_observer(active: bool) -> Callable[[Any], Iterable[Any]]:
+    from opentelemetry.metrics import Observation
+
+    def observe(_options: Any) -> Iterable[Any]:
+        for counts in _stream_counts:
+            service, streams, capacity = counts()
+            yield Observation(streams if active else capacity, {"grpc_service": service})
+
+    return observe
 
 
 def flush_telemetry() -> None:

@@ -49,3 +49,6 @@ GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 METRIC_ASR_TTFB = "nemotron.asr.ttfb"
 METRIC_TTS_TTFB = "nemotron.tts.ttfb"
 METRIC_LLM_TTFB = "nemotron.llm.ttfb"
+#: Gauges of each server's streams (Prometheus: nemotron_streams_active, nemotron_streams_max).
+METRIC_STREAMS_ACTIVE = "nemotron.streams.active"
+METRIC_STREAMS_MAX = "nemotron.streams.max"
