@@ -18,6 +18,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from bots.names import BOTS
 from bots.pipeline import BotConfig, build_worker
+from bots.shutdown import cancelled_on_stop
 from bots.tracing import configure_bot_tracing
 
 #: Our browser client: plain WebRTC, nothing fetched from the internet. The prebuilt client that
@@ -49,8 +50,9 @@ async def run_bot(config: BotConfig, runner_args: RunnerArguments) -> None:
         await worker.cancel()
 
     runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
-    await runner.add_workers(worker)
-    await runner.run()
+    with cancelled_on_stop(runner):  # an open call must not keep a stopping bot alive
+        await runner.add_workers(worker)
+        await runner.run()
 
 
 def serve_client_page() -> None:
