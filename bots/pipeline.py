@@ -29,6 +29,7 @@ from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_turn_processor import UserTurnProcessor
 
 from bots.llm import GrpcChunkedLLMService
+from bots.rtvi import client_rtvi, observer_params
 from bots.stt import GrpcSTTService
 from bots.tools import BotTools
 from bots.tracing import tracing_on
@@ -151,12 +152,17 @@ def voice_to_voice_observer(bot: str) -> UserBotLatencyObserver:
 
 
 def build_worker(config: BotConfig, transport: BaseTransport) -> tuple[PipelineWorker, Services]:
-    """A worker that runs the pipeline on `transport`, with metrics and the latency observer."""
+    """A worker that runs the pipeline on `transport`, with metrics and the latency observer.
+
+    RTVI (`bots.rtvi`) tells a client on the transport's data channel what happens, turn by turn.
+    """
     pipeline, services = build_pipeline(config, transport.input(), transport.output())
     worker = PipelineWorker(
         pipeline,
         params=PipelineParams(enable_metrics=True, enable_usage_metrics=True),
         observers=[voice_to_voice_observer(config.name)],
+        rtvi_processor=client_rtvi(),
+        rtvi_observer_params=observer_params(),
         # Pipecat's conversation and turn spans: the parents of the adapters' client spans.
         enable_tracing=tracing_on(),
         conversation_id=services.llm.conversation_id,

@@ -346,7 +346,9 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
             if not self._speaking:
                 self._speaking = True
                 await self.push_frame(TTSStartedFrame())
-            await self.push_frame(TTSTextFrame(segment.text, text_type=TextType.SENTENCE))
+            spoken = TTSTextFrame(segment.text, text_type=TextType.SENTENCE)
+            spoken.will_be_spoken = True  # as Pipecat's TTS services mark it: RTVI's bot-output
+            await self.push_frame(spoken)
         await self.push_frame(
             TTSAudioRawFrame(chunk.audio, self.sample_rate, 1, context_id=chunk.segment_id)
         )

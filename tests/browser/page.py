@@ -90,3 +90,59 @@ def inbound_audio(driver: webdriver.Chrome) -> InboundAudio:
         audio_energy=sum(float(entry["energy"]) for entry in rtp),
         live_tracks=sum(1 for state in raw["tracks"] if state == "live"),
     )
+
+
+#: What the client page shows: the transcript's lines and the stage timings of each turn.
+PAGE_VIEW = """
+const lines = [...document.querySelectorAll('#conversation li')].map((li) => ({
+  who: li.classList.contains('user') ? 'user' : 'bot',
+  final: li.classList.contains('final'),
+  text: li.textContent,
+}));
+const turns = [...document.querySelectorAll('#turns tbody tr.turn')].map((row) => {
+  const ms = {};
+  row.querySelectorAll('td[data-stage]').forEach((cell) => {
+    if (cell.dataset.ms !== undefined) ms[cell.dataset.stage] = Number(cell.dataset.ms);
+  });
+  return ms;
+});
+const p50 = [...document.querySelectorAll('#p50 td[data-stage]')].map((c) => c.textContent);
+return {lines, turns, p50, state: document.getElementById('state').textContent,
+        error: document.getElementById('error').textContent};
+"""
+
+
+@dataclass(frozen=True)
+class PageView:
+    """The transcript, the per-turn stage timings (ms by stage) and the state the page shows."""
+
+    user_finals: tuple[str, ...]
+    bot_lines: tuple[str, ...]
+    turns: tuple[dict[str, float], ...]
+    p50: tuple[str, ...]
+    state: str
+    error: str
+
+    def timed_turns(self, stages: tuple[str, ...]) -> list[dict[str, float]]:
+        """The turns that show a number for every one of `stages`."""
+        return [turn for turn in self.turns if all(stage in turn for stage in stages)]
+
+    def __str__(self) -> str:
+        return (
+            f"state {self.state!r}, error {self.error!r}, user finals {list(self.user_finals)}, "
+            f"bot lines {list(self.bot_lines)}, turns {list(self.turns)}, p50 {list(self.p50)}"
+        )
+
+
+def page_view(driver: webdriver.Chrome) -> PageView:
+    """What the client page shows now."""
+    raw: dict[str, Any] = driver.execute_script(PAGE_VIEW)
+    lines = raw["lines"]
+    return PageView(
+        user_finals=tuple(ln["text"] for ln in lines if ln["who"] == "user" and ln["final"]),
+        bot_lines=tuple(ln["text"] for ln in lines if ln["who"] == "bot" and ln["text"].strip()),
+        turns=tuple({k: float(v) for k, v in turn.items()} for turn in raw["turns"]),
+        p50=tuple(raw["p50"]),
+        state=raw["state"],
+        error=raw["error"],
+    )
