@@ -43,13 +43,14 @@ from pipecat.frames.frames import (
 from pipecat.metrics.metrics import LLMTokenUsage
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection
+from pipecat.processors.frameworks.rtvi import RTVIServerMessageFrame
 from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame, segment_id_of
 from bots.grpc_client import describe
 from bots.reconnecting import GrpcCallService
-from bots.tracing import ClientSpans
+from bots.tracing import ClientSpans, trace_link
 from nemotron.speech.v1 import llm_pb2, llm_pb2_grpc
 from services.runtime.trace_types import GEN_AI_OPERATION, SPAN_BOT_LLM
 
@@ -264,6 +265,8 @@ class GrpcChunkedLLMService(GrpcCallService[Request, Response], LLMService):
         self._done = False
         self._received = set()
         self._span = span = self._spans.start(SPAN_BOT_LLM, **{GEN_AI_OPERATION: "chat"})
+        if span is not None:  # a client (the browser page, over RTVI) links the turn to it
+            await self.push_frame(RTVIServerMessageFrame(data=trace_link(span)))
         started = time.perf_counter()
         self._first_chunk_at = None
         await self.push_frame(LLMFullResponseStartFrame())

@@ -9,6 +9,7 @@ to the server in gRPC metadata (the gRPC client instrumentation) and in the mess
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from opentelemetry import trace
@@ -19,6 +20,10 @@ from services.runtime.telemetry import Telemetry, configure_telemetry, flush_tel
 from services.runtime.trace_types import ATTR_TTFB_MS
 
 _telemetry: Telemetry | None = None
+
+#: Where a client finds a trace: Jaeger's UI, as `docker compose up` serves it.
+TRACE_UI_ENV = "NEMOTRON_TRACE_UI"
+DEFAULT_TRACE_UI = "http://localhost:16686"
 
 
 def configure_bot_tracing() -> Telemetry:
@@ -86,3 +91,18 @@ class ClientSpans:
         if attributes:
             span.set_attributes(attributes)
         span.end()
+
+
+def trace_link(span: Span) -> dict[str, str]:
+    """Where `span`'s trace is in the trace UI ($NEMOTRON_TRACE_UI), with the span picked out.
+
+    The RTVI server message (type "trace") that lets the browser client link a turn to its trace.
+    """
+    context = span.get_span_context()
+    trace_id = format(context.trace_id, "032x")
+    base = os.environ.get(TRACE_UI_ENV, DEFAULT_TRACE_UI).rstrip("/")
+    return {
+        "type": "trace",
+        "trace_id": trace_id,
+        "url": f"{base}/trace/{trace_id}?uiFind={context.span_id:016x}",
+    }

@@ -50,3 +50,25 @@ async def test_unknown_client_message_is_refused_without_interrupting():
     sent, kinds = await answers_to("dance")
     assert InterruptionFrame not in kinds
     assert [m["type"] for m in sent if m["type"] == "error-response"] == ["error-response"]
+
+
+def test_a_traced_turn_is_linked_to_its_trace_in_the_trace_ui(monkeypatch):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from bots.tracing import DEFAULT_TRACE_UI, TRACE_UI_ENV, trace_link
+
+    span = TracerProvider().get_tracer("test").start_span("turn")
+    context = span.get_span_context()
+    trace_id, span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+    monkeypatch.delenv(TRACE_UI_ENV, raising=False)
+    link = trace_link(span)
+    assert link == {
+        "type": "trace",
+        "trace_id": trace_id,
+        "url": f"{DEFAULT_TRACE_UI}/trace/{trace_id}?uiFind={span_id}",
+    }
+    monkeypatch.setenv(TRACE_UI_ENV, "https://traces.example.internal/jaeger/")
+    assert trace_link(span)["url"] == (
+        f"https://traces.example.internal/jaeger/trace/{trace_id}?uiFind={span_id}"
+    )
