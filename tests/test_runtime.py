@@ -82,7 +82,7 @@ async def test_grpcurl_lists_and_describes_through_reflection(llm_server):
 
 
 async def test_unexpected_errors_become_a_generic_internal(llm_stub, llm_backend):
-    async def broken(request, stats):  # type: ignore[no-untyped-def]
+    async def broken(request):  # type: ignore[no-untyped-def]
         raise RuntimeError("secret internal detail")
         yield ""  # pragma: no cover
 
@@ -94,6 +94,35 @@ async def test_unexpected_errors_become_a_generic_internal(llm_stub, llm_backend
         await read_all(llm_stub.GenerateChunks(iter([request])))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in caught.value.details()
+
+
+async def test_a_server_fault_is_logged_as_a_warning_a_client_mistake_is_not(
+    llm_stub, llm_backend, caplog
+):
+    from services.runtime.errors import Internal, InvalidArgument
+
+    def failing_with(err: Exception):  # type: ignore[no-untyped-def]
+        async def generate(request):  # type: ignore[no-untyped-def]
+            raise err
+            yield ""  # pragma: no cover
+
+        return generate
+
+    request = llm_pb2.GenerateChunksRequest(
+        start=llm_pb2.StartGeneration(messages=[llm_pb2.ChatMessage(role="user", content="hi")])
+    )
+    caplog.set_level("INFO", logger="services.runtime.errors")
+    for err, level in (
+        (Internal("the LLM engine failed to decode"), "WARNING"),
+        (InvalidArgument("a bad field", field="start"), "INFO"),
+    ):
+        caplog.clear()
+        llm_backend.generate = failing_with(err)  # type: ignore[method-assign]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_all(llm_stub.GenerateChunks(iter([request])))
+        assert caught.value.code() == err.code
+        ended = [r for r in caplog.records if r.getMessage().startswith("rpc ended with")]
+        assert [r.levelname for r in ended] == [level], caplog.text
 
 
 async def test_stop_drains_open_streams_within_the_grace_period():

@@ -112,6 +112,10 @@ def _google_code(code: grpc.StatusCode) -> int:
     return value
 
 
+#: Codes that say the server failed, not the request: logged where an operator looks.
+_SERVER_FAULTS = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+)
 _GENERIC_INTERNAL = "internal error; the server logged the details"
 _UNDECODABLE = (
     "a request message could not be decoded: it is not valid protobuf for this method, or a "
@@ -127,7 +131,9 @@ async def abort_for(context: grpc.aio.ServicerContext, err: Exception, where: st
         # Raised by grpc.aio while it deserializes a request of the stream: the client's fault.
         err = InvalidArgument(_UNDECODABLE)
     if isinstance(err, ServiceError):
-        log.info("rpc ended with %s: %s", err.code.name, err.message)
+        # The client's mistakes and the server's limits are routine; its own faults are not.
+        level = logging.WARNING if err.code in _SERVER_FAULTS else logging.INFO
+        log.log(level, "rpc ended with %s: %s", err.code.name, err.message)
         await context.abort_with_status(err.to_status())
     log.error("unexpected error in %s", where, exc_info=err)
     await context.abort(grpc.StatusCode.INTERNAL, _GENERIC_INTERNAL)
