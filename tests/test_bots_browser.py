@@ -115,6 +115,20 @@ def failure(
     )
 
 
+def start_call(driver: webdriver.Chrome, stack: BotUnderTest) -> InboundAudio:
+    """Click Connect and wait until the call's peer connection is up."""
+    connect = button(driver, "Connect")
+    assert connect is not None, failure("no Connect button", stack, driver, None)
+    connect.click()
+    audio: InboundAudio = wait_for(
+        lambda: inbound_audio(driver), lambda a: "connected" in a.states, 30.0
+    )
+    assert "connected" in audio.states, failure(
+        "no connected peer connection 30 s after Connect", stack, driver, audio
+    )
+    return audio
+
+
 def page_shows_the_turn(view: PageView) -> bool:
     """The page shows a final user transcript, a bot reply and a fully timed turn."""
     return bool(view.user_finals and view.bot_lines and view.timed_turns(STAGES))
@@ -134,15 +148,7 @@ def test_browser_client_hears_the_reply_and_shows_the_turn(tmp_path):
             record_peer_connections(driver)
             driver.get(stack.url)
             try:
-                connect = button(driver, "Connect")
-                assert connect is not None, failure("no Connect button", stack, driver, None)
-                connect.click()
-                audio: InboundAudio = wait_for(
-                    lambda: inbound_audio(driver), lambda a: "connected" in a.states, 30.0
-                )
-                assert "connected" in audio.states, failure(
-                    "no connected peer connection 30 s after Connect", stack, driver, audio
-                )
+                audio = start_call(driver, stack)
                 audio = wait_for(
                     lambda: inbound_audio(driver),
                     lambda a: a.audio_energy > SPOKEN_ENERGY,

@@ -13,9 +13,9 @@ import pytest
 from selenium import webdriver
 
 from tests.browser.chromium import chromium, chromium_paths
-from tests.browser.page import InboundAudio, inbound_audio, record_peer_connections
+from tests.browser.page import record_peer_connections
 from tests.browser.processes import mesh_and_bot
-from tests.test_bots_browser import button, failure, wait_for, write_question
+from tests.test_bots_browser import start_call, wait_for, write_question
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -32,15 +32,7 @@ def test_a_bot_stopped_with_a_call_open_ends_it_and_exits_within_2_s(tmp_path):
         with chromium(paths, tmp_path / "profile", question, tmp_path / "driver.log") as driver:
             record_peer_connections(driver)
             driver.get(stack.url)
-            connect = button(driver, "Connect")
-            assert connect is not None, failure("no Connect button", stack, driver, None)
-            connect.click()
-            audio: InboundAudio = wait_for(
-                lambda: inbound_audio(driver), lambda a: "connected" in a.states, 30.0
-            )
-            assert "connected" in audio.states, failure(
-                "no connected peer connection 30 s after Connect", stack, driver, audio
-            )
+            start_call(driver, stack)
             time.sleep(2.0)  # the call is running: the bot hears the question
             started = time.monotonic()
             stopped = stack.bot.stop(grace_s=10.0)
