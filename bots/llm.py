@@ -265,14 +265,14 @@ class GrpcChunkedLLMService(GrpcCallService[Request, Response], LLMService):
         self._done = False
         self._received = set()
         self._span = span = self._spans.start(SPAN_BOT_LLM, **{GEN_AI_OPERATION: "chat"})
-        if span is not None:  # a client (the browser page, over RTVI) links the turn to it
-            await self.push_frame(RTVIServerMessageFrame(data=trace_link(span)))
         started = time.perf_counter()
         self._first_chunk_at = None
         await self.push_frame(LLMFullResponseStartFrame())
         await self.start_ttfb_metrics()
         await self.start_processing_metrics()
         try:
+            if span is not None:  # a client (the browser page, over RTVI) links the turn to it
+                await self.push_frame(RTVIServerMessageFrame(data=trace_link(span)))
             await self._run_call()
         except (grpc.aio.AioRpcError, TimeoutError) as error:
             await self.push_error(f"LLM request {request_id} failed: {self._explain(error)}")

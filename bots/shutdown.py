@@ -30,7 +30,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_REASON = "the bot is stopping"
 
 _open_sessions: dict[WorkerRunner, asyncio.AbstractEventLoop] = {}
-_chained: set[signal.Signals] = set()
+_OURS = "_cancels_bot_sessions"
 _pending: set[asyncio.Future[None]] = set()
 
 
@@ -41,9 +41,10 @@ def cancelled_on_stop(runner: WorkerRunner) -> Iterator[None]:
     # stopped by whoever runs it.
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
-            if sig not in _chained:
-                signal.signal(sig, _chain(signal.getsignal(sig)))
-                _chained.add(sig)
+            current = signal.getsignal(sig)
+            # Chained once, and again after uvicorn has put its saved handlers back.
+            if not getattr(current, _OURS, False):
+                signal.signal(sig, _chain(current))
     _open_sessions[runner] = asyncio.get_running_loop()
     try:
         yield
@@ -59,10 +60,11 @@ def _chain(previous: Any) -> Any:
                 loop.call_soon_threadsafe(_cancel_soon, runner)
         if callable(previous):
             previous(signum, frame)
-        elif previous == signal.SIG_DFL:
+        elif previous in (signal.SIG_DFL, None):  # None: a handler set outside Python
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
+    setattr(handler, _OURS, True)
     return handler
 
 

@@ -108,19 +108,19 @@ async def start_replicas(
 ) -> dict[str, list[Replica]]:
     """Start every replica and wait until each reports SERVING."""
     started: dict[str, list[Replica]] = {service: [] for service in SERVICES}
-    for service in SERVICES:
-        for index in range(replicas):
-            host = f"127.0.0.{2 + index}"
-            port = free_port(host)
-            argv = [*shlex.split(serve.format(service=service)), "--host", host]
-            argv += ["--port", str(port), "--shutdown-grace-s", str(grace_s)]
-            argv += ["--max-streams", str(max_streams), "--log-level", log_level]
-            process = await asyncio.create_subprocess_exec(*argv)
-            started[service].append(Replica(service, host, port, process))
-    everyone = [replica for group in started.values() for replica in group]
     try:
+        for service in SERVICES:
+            for index in range(replicas):
+                host = f"127.0.0.{2 + index}"
+                port = free_port(host)
+                argv = [*shlex.split(serve.format(service=service)), "--host", host]
+                argv += ["--port", str(port), "--shutdown-grace-s", str(grace_s)]
+                argv += ["--max-streams", str(max_streams), "--log-level", log_level]
+                process = await asyncio.create_subprocess_exec(*argv)
+                started[service].append(Replica(service, host, port, process))
+        everyone = [replica for group in started.values() for replica in group]
         await asyncio.gather(*(wait_serving(r.address, 300, security=PLAINTEXT) for r in everyone))
-    except BaseException:
+    except BaseException:  # none of those already started outlives a failed start
         await stop_replicas(started)
         raise
     return started

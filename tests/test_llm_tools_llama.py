@@ -172,8 +172,9 @@ TOOLS_TEMPLATE = (
     "{{ tool.function.name }}{% endfor %}<|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
     "{% for call in message.tool_calls or [] %}CALL {{ call.id }} {{ call.function.name }} "
-    "{{ call.function.arguments }}{% endfor %}"
-    "{% if message.tool_call_id %}RESULT OF {{ message.tool_call_id }}{% endif %}"
+    "{{ call.function.arguments | tojson }}{% endfor %}"
+    "{% if message.tool_call_id %}RESULT OF {{ message.tool_call_id }} FROM {{ message.name }}"
+    "{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 THINKING_TEMPLATE = (
@@ -236,10 +237,17 @@ async def test_a_template_that_takes_tools_gets_them_and_the_calls(llama, tmp_pa
     template = tmp_path / "tools.jinja"
     template.write_text(TOOLS_TEMPLATE)
     prompt = ChatPrompt(llama.model, str(template))
-    text = _text(llama, prompt, HISTORY, Reasoning(), (CLOCK, TIMER))
+    history = (
+        ChatTurn("user", "Set a tea timer."),
+        ChatTurn("assistant", "Sure.", (ToolCall("call_1", "set_timer", '{"seconds": 300}'),)),
+        ChatTurn("tool", "started", tool_call_id="call_1"),
+    )
+    text = _text(llama, prompt, history, Reasoning(), (CLOCK, TIMER))
     assert text.startswith("<|im_start|>system\nTOOLS: get_time set_timer<|im_end|>")
-    assert "Let me look.CALL call_1 get_time {}<|im_end|>" in text
-    assert "<|im_start|>tool\n14:05RESULT OF call_1<|im_end|>" in text
+    # The arguments reach the template as an object (templates write them with tojson), not
+    # as a JSON string that tojson would encode a second time.
+    assert 'Sure.CALL call_1 set_timer {"seconds": 300}<|im_end|>' in text
+    assert "<|im_start|>tool\nstartedRESULT OF call_1 FROM set_timer<|im_end|>" in text
     assert "You can call" not in text
 
 

@@ -141,6 +141,7 @@ async def test_offline_recognize_gives_a_result_per_utterance(riva_asr):
         (streamed(b"", language_code="fr-FR"), "fr-FR"),
         (streamed(b"", audio_channel_count=2), "audio_channel_count"),
         (streamed(b"", endpointing_config={"stop_threshold": 2.0}), "stop_threshold"),
+        ([*streamed(b"\0\0" * 10)[:1], StreamReq()], "neither audio_content"),
     ],
 )
 async def test_bad_requests_get_invalid_argument(riva_asr, requests, named):
@@ -217,6 +218,23 @@ async def test_synthesize_online_streams_each_request_in_turn(riva_tts):
     responses = await read_all(riva_tts.SynthesizeOnline(iter(requests)))
     assert len(responses) >= 5  # a chunk per word, as the backend made them
     assert sum(len(r.audio) for r in responses) == 2 * 5 * 1600
+
+
+async def test_synthesize_online_refuses_a_request_that_changes_the_calls_voice_or_rate(
+    riva_tts,
+):
+    for change, named in (
+        ({"sample_rate_hz": 8000}, "sample_rate_hz"),
+        ({"voice_name": "low-tone"}, "voice_name"),
+    ):
+        requests = [tts_request("one"), tts_request("two", **change)]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await read_all(riva_tts.SynthesizeOnline(iter(requests)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert named in (refused.value.details() or "")
+    # The same settings repeated, as Riva clients send them, are fine.
+    same = [tts_request("one", sample_rate_hz=16000), tts_request("two", sample_rate_hz=16000)]
+    assert await read_all(riva_tts.SynthesizeOnline(iter(same)))
 
 
 @pytest.mark.parametrize(

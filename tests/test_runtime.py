@@ -25,7 +25,7 @@ from services.llm.settings import LlmSettings
 from services.runtime.streams import StreamQueue
 from tests.doubles import REPLY, CountingAsrBackendDouble, LoadGate, ScriptedLlmBackendDouble
 from tests.helpers import read_all, read_rest
-from tests.servers import ROOT, channel_to, running, start_serve_double
+from tests.servers import ROOT, channel_to, running, start_serve_double, target_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -123,6 +123,38 @@ async def test_a_server_fault_is_logged_as_a_warning_a_client_mistake_is_not(
         assert caught.value.code() == err.code
         ended = [r for r in caplog.records if r.getMessage().startswith("rpc ended with")]
         assert [r.levelname for r in ended] == [level], caplog.text
+
+
+async def test_only_a_full_replica_is_retried_elsewhere_other_limits_are_not(
+    llm_server, llm_backend
+):
+    """The clients' retry policy replays AtCapacity on the next replica, nothing else."""
+    from clients.channel import START_ATTEMPTS, open_channel
+    from clients.security import ClientSecurity
+    from services.runtime.errors import AtCapacity, ResourceExhausted
+
+    request = llm_pb2.GenerateChunksRequest(
+        start=llm_pb2.StartGeneration(messages=[llm_pb2.ChatMessage(role="user", content="hi")])
+    )
+    async with open_channel(target_of(llm_server), ClientSecurity()) as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        for err, tries in (
+            (ResourceExhausted("the context window is full"), 1),
+            (AtCapacity("this replica is full"), START_ATTEMPTS),
+        ):
+            calls = 0
+
+            async def refusing(request, err=err):  # type: ignore[no-untyped-def]
+                nonlocal calls
+                calls += 1
+                raise err
+                yield ""  # pragma: no cover
+
+            llm_backend.generate = refusing  # type: ignore[method-assign]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await read_all(stub.GenerateChunks(iter([request])))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert calls == tries, type(err).__name__
 
 
 async def test_stop_drains_open_streams_within_the_grace_period():

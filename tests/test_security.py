@@ -216,10 +216,26 @@ async def test_several_tokens_and_the_token_file_rotates_without_a_restart(tmp_p
     assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_tokens_compare_in_constant_time_over_every_accepted_token():
-    accepted = AcceptedTokens(tokens=["alpha", "beta"])
+def test_tokens_compare_in_constant_time_over_every_accepted_token(monkeypatch):
+    accepted = AcceptedTokens(tokens=["alpha", "beta", "gamma"])
     assert accepted.accepts("beta") and accepted.accepts("alpha")
     assert not accepted.accepts("alph") and not accepted.accepts("") and not accepted.accepts("x")
+    # Every check compares equal-length digests with compare_digest against every accepted
+    # token, a match first or none at all: its time says nothing about the guess.
+    import hmac
+
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    for guess in ("alpha", "nope", "a much longer guess than any token"):
+        compared.clear()
+        accepted.accepts(guess)
+        assert compared == [(32, 32)] * 3, guess
 
 
 @pytest.mark.parametrize(("open_health", "open_reflection"), [(True, False), (False, True)])
@@ -347,6 +363,12 @@ def test_a_network_address_without_tls_and_tokens_is_refused_unless_insecure(
         AsrSettings(host="0.0.0.0", tokens=token)  # tokens alone would cross the network plain
     assert AsrSettings(host="0.0.0.0", insecure=True).insecure
     assert AsrSettings(host="0.0.0.0", **secured(pki, token_file)).uses_tokens  # type: ignore[arg-type]
+    tls_only = {**secured(pki, token_file, mutual=False), "token_file": ""}
+    with pytest.raises(ValidationError, match="mutual TLS"):
+        AsrSettings(host="0.0.0.0", **tls_only)  # type: ignore[arg-type]  # anyone may call
+    mutual_only = {**secured(pki, token_file), "token_file": ""}
+    # Client certificates authenticate callers as tokens do.
+    assert AsrSettings(host="0.0.0.0", **mutual_only).authenticates_clients  # type: ignore[arg-type]
     assert AsrSettings(host="127.0.0.1").host == "127.0.0.1"  # the local default is unchanged
     # Through the command line: refused with exit 2 before anything binds.
     assert serve.main("asr", ["--host", "0.0.0.0", "--check-config"]) == serve.EXIT_BAD_CONFIG

@@ -180,6 +180,12 @@ async def _audio_of(
                 "streaming_config was already sent; send it once, in the first request",
                 field="streaming_config",
             )
+        else:
+            raise InvalidArgument(
+                "a StreamingRecognizeRequest carries neither audio_content nor "
+                "streaming_config; after the config, send audio_content",
+                field="streaming_request",
+            )
 
 
 async def _aiter(items: list[bytes]) -> AsyncIterator[bytes]:

@@ -59,7 +59,7 @@ def check_config(
     rate = sample_rate_hz or config.sample_rate_hertz
     if rate not in SUPPORTED_SAMPLE_RATES:
         raise InvalidArgument(
-            f"sample_rate_hertz {config.sample_rate_hertz} is not supported; use one of "
+            f"sample_rate_hertz {rate} is not supported; use one of "
             f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))}",
             field=f"{prefix}.sample_rate_hertz",
         )

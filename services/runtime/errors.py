@@ -58,7 +58,13 @@ class ServiceError(Exception):
             detail = any_pb2.Any()
             detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
             status.details.append(detail)
-        return rpc_status.to_status(status)
+        rich = rpc_status.to_status(status)
+        if self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not isinstance(self, AtCapacity):
+            # gRFC A6 pushback: the clients' retry policy must not replay this on another
+            # replica (a full context window or a rate limit is no better there).
+            metadata = (*rich.trailing_metadata, ("grpc-retry-pushback-ms", "-1"))
+            return rich._replace(trailing_metadata=metadata)
+        return rich
 
 
 class InvalidArgument(ServiceError):
@@ -77,6 +83,14 @@ class ResourceExhausted(ServiceError):
     """A limit was reached (streams, queue depth, utterance length); retry later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class AtCapacity(ResourceExhausted):
+    """This replica holds as many streams as it may; another replica may have room.
+
+    The one RESOURCE_EXHAUSTED that clients' retry policy tries again on the next replica
+    (`clients.channel`); every other one carries pushback that stops the retry.
+    """
 
 
 class Unavailable(ServiceError):
@@ -183,6 +197,7 @@ def unary_rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
 
 __all__ = [
     "RETRYABLE_CODES",
+    "AtCapacity",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",

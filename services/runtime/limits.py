@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from services.runtime.errors import ResourceExhausted
+from services.runtime.errors import AtCapacity
 
 
 class StreamLimiter:
@@ -24,7 +24,7 @@ class StreamLimiter:
     async def slot(self) -> AsyncIterator[None]:
         """Hold one slot for the duration of a stream."""
         if self.active >= self.capacity:
-            raise ResourceExhausted(
+            raise AtCapacity(
                 f"server is at its limit of {self.capacity} concurrent {self._what}; "
                 "retry with backoff, or start it with a higher --max-streams"
             )

@@ -102,10 +102,15 @@ class MeshServer:
         except RuntimeError as err:
             raise OSError(f"cannot bind {address}: {err}") from err
         await self._set_health(NOT_SERVING)
-        if settings.health_port:
-            self._health_server = await self._serve_health(settings.host, settings.health_port)
         await server.start()
         self._server = server
+        if settings.health_port:
+            try:
+                self._health_server = await self._serve_health(settings.host, settings.health_port)
+            except OSError:
+                await server.stop(0)  # nothing may stay bound when the start fails
+                self._server = None
+                raise
         limiter = self.service.limiter
         name = self.service.service_name
         self._unobserve = observe_streams(lambda: (name, limiter.active, limiter.capacity))
@@ -119,10 +124,10 @@ class MeshServer:
             self.port,
             security,
         )
-        if not is_loopback(settings.host) and not (settings.uses_tls and interceptors):
+        if not is_loopback(settings.host) and not settings.authenticates_clients:
             log.warning(
-                "serving %s without TLS and tokens on %s (--insecure): anyone who reaches the "
-                "port can use it",
+                "serving %s without TLS and client authentication on %s (--insecure): anyone "
+                "who reaches the port can use it",
                 self.service.service_name,
                 settings.host,
             )

@@ -144,6 +144,11 @@ class ServerSettings(BaseSettings):
         """Whether calls need a bearer token."""
         return bool(self.token_file or split_tokens(self.tokens.get_secret_value()))
 
+    @property
+    def authenticates_clients(self) -> bool:
+        """Whether every call is from a known client: TLS with tokens or client certificates."""
+        return self.uses_tls and (self.uses_tokens or bool(self.tls_client_ca))
+
     @model_validator(mode="after")
     def _check_security(self) -> ServerSettings:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -154,12 +159,13 @@ class ServerSettings(BaseSettings):
             check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.token_file:
             read_tokens(self.token_file)  # fails now, naming the file, rather than on a call
-        if not is_loopback(self.host) and not (self.uses_tls and self.uses_tokens):
+        if not is_loopback(self.host) and not self.authenticates_clients:
             if not self.insecure:
                 raise ValueError(
                     f"host {self.host} is reachable from the network, so the server needs TLS "
                     "and tokens there (--tls-cert, --tls-key and --token-file, or the "
-                    "NEMOTRON_TLS_CERT, NEMOTRON_TLS_KEY and NEMOTRON_TOKEN_FILE variables); "
+                    "NEMOTRON_TLS_CERT, NEMOTRON_TLS_KEY and NEMOTRON_TOKEN_FILE variables), or "
+                    "mutual TLS (--tls-client-ca); "
                     "--insecure serves it without them, for a network you trust"
                 )
         return self

@@ -69,7 +69,9 @@ class RivaTtsServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
             async with aclosing(self._speak(call, request.text, SynthesisMode.BATCH)) as speech:
                 pieces = [chunk async for chunk in speech]
             audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-            return Response(audio=float_to_pcm16(audio), meta=self._meta(request), id=request.id)
+            return Response(
+                audio=float_to_pcm16(audio), meta=self._meta(request, call), id=request.id
+            )
 
     @rpc_errors
     async def SynthesizeOnline(
@@ -79,8 +81,21 @@ class RivaTtsServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
         async with self.service.admit():
             call: _Call | None = None
             async for request in request_iterator:
-                # The first request decides voice, language and rate; Riva clients repeat them.
-                call = call or self._check(request)
+                # Riva clients repeat voice, language and rate in every request of a call; one
+                # call speaks in one voice at one rate, so a request that changes them is refused
+                # rather than played at a rate the client did not ask for.
+                asked = self._check(request)
+                if call is not None and asked != call:
+                    raise InvalidArgument(
+                        "voice_name, language_code and sample_rate_hz must stay the same on "
+                        f"one SynthesizeOnline call (first {call.voice.name}, "
+                        f"{call.language}, {call.sample_rate_hz} Hz); open a new call to change "
+                        "them",
+                        field="sample_rate_hz"
+                        if asked.sample_rate_hz != call.sample_rate_hz
+                        else "voice_name",
+                    )
+                call = asked
                 max_samples = call.sample_rate_hz * _MAX_CHUNK_MS // 1000
                 speech = self._speak(call, request.text, SynthesisMode.STREAM)
                 async with aclosing(speech) as chunks:
@@ -134,9 +149,9 @@ class RivaTtsServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
             )
         return _Call(voice, language, rate)
 
-    def _meta(self, request: Request) -> riva_tts_pb2.SynthesizeSpeechResponseMetadata:
+    def _meta(self, request: Request, call: _Call) -> riva_tts_pb2.SynthesizeSpeechResponseMetadata:
         return riva_tts_pb2.SynthesizeSpeechResponseMetadata(
-            text=request.text, processed_text=normalize(request.text)
+            text=request.text, processed_text=normalize(request.text, call.language)
         )
 
     async def _speak(

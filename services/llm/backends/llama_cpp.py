@@ -42,7 +42,7 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Self
 
@@ -77,7 +77,7 @@ from services.llm.backends.llama_engine import BatchEngine, common_prefix
 from services.llm.backends.llama_model import LlamaModel, MemoryReport
 from services.llm.backends.llama_probe import ExtraBuffers, choose_extra_buffers
 from services.llm.backends.llama_prompt import ChatPrompt, RenderedPrompt
-from services.llm.backends.llama_tools import parser_of, tool_grammar
+from services.llm.backends.llama_tools import ToolGrammar, parser_of, tool_grammar
 from services.llm.backends.model_source import resolve_model
 from services.llm.backends.pieces import piece_events
 from services.llm.reasoning import CLOSE_TAG, Piece, Reasoning, ThinkSplitter
@@ -257,6 +257,8 @@ class LlamaCppLlmBackend(LlmBackend):
         self.model: LlamaModel | None = None
         self.engine: BatchEngine | None = None
         self.pool: SlotPool[_Sequence] | None = None
+        # A bot offers the same tools every turn: their grammar is built and checked once.
+        self._grammars = lru_cache(maxsize=32)(self._build_grammar)
         self.chat_template_file = chat_template
         self._prompt: ChatPrompt | None = None
         self._close_reasoning: list[int] = []
@@ -338,6 +340,10 @@ class LlamaCppLlmBackend(LlmBackend):
         """The .gguf file: the model setting's path or `hf:` reference, else the default."""
         return resolve_model(self.model_source) if self.model_source else default_model_path()
 
+    def _build_grammar(self, tools: tuple[Tool, ...], indices: tuple[int, ...]) -> ToolGrammar:
+        assert self.model is not None
+        return tool_grammar(tools, indices, parser_of(self.model.vocab))
+
     def render(
         self,
         messages: tuple[ChatTurn, ...],
@@ -379,8 +385,7 @@ class LlamaCppLlmBackend(LlmBackend):
         if tools:
             # Off the loop: a large schema takes a while to convert and to check.
             indices = tuple(i for i, tool in enumerate(request.tools) if tool in tools)
-            parses = parser_of(self.model.vocab)
-            grammar = await asyncio.to_thread(tool_grammar, tools, indices, parses)
+            grammar = await asyncio.to_thread(self._grammars, tools, indices)
             calls = ToolCalls(grammar, opened)
 
         def encode(messages: tuple[ChatTurn, ...]) -> list[int]:

@@ -29,6 +29,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from services.llm.backend import ChatTurn
 from services.llm.backends.llama_model import LlamaModel
+from services.llm.backends.openai_wire import template_messages
 from services.llm.reasoning import CLOSE_TAG, OPEN_TAG, Reasoning, template_takes_enable_thinking
 from services.llm.tools import CLOSE_TAG as CALL_CLOSE
 from services.llm.tools import OPEN_TAG as CALL_OPEN
@@ -100,7 +101,7 @@ class ChatPrompt:
         )
         stops: tuple[str, ...] = ()
         if self.takes_tools:
-            chat = openai_messages(messages)
+            chat = template_messages(messages)
             if tools:
                 options["tools"] = [tool.openai() for tool in tools]
         else:
@@ -124,22 +125,6 @@ class ChatPrompt:
 def _ends_inside_reasoning(prompt: str) -> bool:
     """True when the generation prompt opened a reasoning block that it did not close."""
     return prompt.rfind(OPEN_TAG) > prompt.rfind(CLOSE_TAG)
-
-
-def openai_messages(messages: tuple[ChatTurn, ...]) -> list[dict[str, Any]]:
-    """The conversation as OpenAI's chat API (and tool-aware templates) write it."""
-    names = {call.id: call.name for turn in messages for call in turn.tool_calls}
-    chat: list[dict[str, Any]] = []
-    for turn in messages:
-        message: dict[str, Any] = {"role": turn.role, "content": turn.content}
-        if turn.tool_calls:
-            message["tool_calls"] = [call.openai() for call in turn.tool_calls]
-        if turn.role == "tool":
-            message["tool_call_id"] = turn.tool_call_id
-            if turn.tool_call_id in names:  # some templates print the tool's name
-                message["name"] = names[turn.tool_call_id]
-        chat.append(message)
-    return chat
 
 
 def text_messages(messages: tuple[ChatTurn, ...], tools: tuple[Tool, ...]) -> list[dict[str, Any]]:

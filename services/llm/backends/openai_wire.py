@@ -33,6 +33,29 @@ def openai_messages(turns: Sequence[ChatTurn]) -> list[dict[str, Any]]:
     return messages
 
 
+def template_messages(turns: Sequence[ChatTurn]) -> list[dict[str, Any]]:
+    """The conversation for a Hugging Face chat template, tool calls and results included.
+
+    Call arguments become objects, as the templates expect (they write them with `tojson`) and
+    as vLLM's own server passes them; arguments that are not a JSON object stay text. A tool
+    result also carries its tool's `name`, which some templates print.
+    """
+    names = {call.id: call.name for turn in turns for call in turn.tool_calls}
+    messages = openai_messages(turns)
+    for message in messages:
+        if message.get("tool_call_id") in names:
+            message["name"] = names[message["tool_call_id"]]
+        for call in message.get("tool_calls", ()):
+            function = call["function"]
+            try:
+                value = json.loads(function["arguments"] or "{}")
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                function["arguments"] = value
+    return messages
+
+
 def openai_tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
     """Our tool choice as OpenAI's `tool_choice`."""
     if choice.mode is ToolChoiceMode.NAMED:

@@ -38,7 +38,7 @@ from services.llm.backend import (
     Sampling,
     TokenText,
 )
-from services.llm.backends.openai_wire import openai_messages
+from services.llm.backends.openai_wire import template_messages
 from services.llm.backends.pieces import piece_events, text_events
 from services.llm.context import fit_to_window, generation_reserve
 from services.llm.reasoning import CLOSE_TAG, OPEN_TAG, Reasoning, ThinkSplitter
@@ -103,25 +103,6 @@ def output_events(
     if completion.finish_reason is not None:
         events.append(Finished(finish_reason(completion.finish_reason)))
     return events
-
-
-def template_messages(turns: Sequence[ChatTurn]) -> list[dict[str, Any]]:
-    """The conversation for a Hugging Face chat template, tool calls and results included.
-
-    Call arguments become objects, as the templates expect (they write them with `tojson`) and
-    as vLLM's own server passes them; arguments that are not a JSON object stay text.
-    """
-    messages = openai_messages(turns)
-    for message in messages:
-        for call in message.get("tool_calls", ()):
-            function = call["function"]
-            try:
-                value = json.loads(function["arguments"] or "{}")
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                function["arguments"] = value
-    return messages
 
 
 def call_schema(request: GenerationRequest) -> dict[str, Any] | None:
