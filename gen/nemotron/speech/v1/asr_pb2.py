@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from nemotron.speech.v1 import common_pb2 as nemotron_dot_speech_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnemotron/speech/v1/asr.proto\x12\x12nemotron.speech.v1\x1a\x1fnemotron/speech/v1/common.proto\"\xbb\x01\n\x19StreamingRecognizeRequest\x12?\n\x06\x63onfig\x18\x01 \x01(\x0b\x32%.nemotron.speech.v1.RecognitionConfigH\x00R\x06\x63onfig\x12\x16\n\x05\x61udio\x18\x02 \x01(\x0cH\x00R\x05\x61udio\x12:\n\x08\x66inalize\x18\x03 \x01(\x0b\x32\x1c.nemotron.speech.v1.FinalizeH\x00R\x08\x66inalizeB\t\n\x07request\"\xbd\x01\n\x11RecognitionConfig\x12$\n\x0esample_rate_hz\x18\x01 \x01(\rR\x0csampleRateHz\x12=\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32!.nemotron.speech.v1.AudioEncodingR\x08\x65ncoding\x12\x1a\n\x08language\x18\x03 \x01(\tR\x08language\x12\'\n\x0finterim_results\x18\x04 \x01(\x08R\x0einterimResults\"\xd7\x01\n\x08\x46inalize\x12!\n\x0cutterance_id\x18\x01 \x01(\tR\x0butteranceId\x12\x12\n\x04soft\x18\x02 \x01(\x08R\x04soft\x12S\n\rtrace_context\x18\x03 \x03(\x0b\x32..nemotron.speech.v1.Finalize.TraceContextEntryR\x0ctraceContext\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xa7\x01\n\x1aStreamingRecognizeResponse\x12;\n\x05ready\x18\x01 \x01(\x0b\x32#.nemotron.speech.v1.RecognizerReadyH\x00R\x05ready\x12@\n\ntranscript\x18\x02 \x01(\x0b\x32\x1e.nemotron.speech.v1.TranscriptH\x00R\ntranscriptB\n\n\x08response\"|\n\x0fRecognizerReady\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\x18\n\x07\x62\x61\x63kend\x18\x03 \x01(\tR\x07\x62\x61\x63kend\x12\x1a\n\x08language\x18\x04 \x01(\tR\x08language\"\xd0\x02\n\nTranscript\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\x12\x19\n\x08is_final\x18\x02 \x01(\x08R\x07isFinal\x12!\n\x0cutterance_id\x18\x03 \x01(\tR\x0butteranceId\x12$\n\x0e\x61udio_start_ms\x18\x04 \x01(\x04R\x0c\x61udioStartMs\x12 \n\x0c\x61udio_end_ms\x18\x05 \x01(\x04R\naudioEndMs\x12\x1c\n\tstability\x18\x06 \x01(\x02R\tstability\x12\x12\n\x04soft\x18\x07 \x01(\x08R\x04soft\x12\x42\n\x0c\x66inal_reason\x18\x08 \x01(\x0e\x32\x1f.nemotron.speech.v1.FinalReasonR\x0b\x66inalReason\x12\x32\n\x06timing\x18\t \x01(\x0b\x32\x1a.nemotron.speech.v1.TimingR\x06timing*\x85\x01\n\x0b\x46inalReason\x12\x1c\n\x18\x46INAL_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46INAL_REASON_FINALIZE\x10\x01\x12\x1d\n\x19\x46INAL_REASON_MAX_DURATION\x10\x02\x12\x1e\n\x1a\x46INAL_REASON_END_OF_STREAM\x10\x03\x32\x85\x01\n\nAsrService\x12w\n\x12StreamingRecognize\x12-.nemotron.speech.v1.StreamingRecognizeRequest\x1a..nemotron.speech.v1.StreamingRecognizeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnemotron/speech/v1/asr.proto\x12\x12nemotron.speech.v1\x1a\x1fnemotron/speech/v1/common.proto\"\xbb\x01\n\x19StreamingRecognizeRequest\x12?\n\x06\x63onfig\x18\x01 \x01(\x0b\x32%.nemotron.speech.v1.RecognitionConfigH\x00R\x06\x63onfig\x12\x16\n\x05\x61udio\x18\x02 \x01(\x0cH\x00R\x05\x61udio\x12:\n\x08\x66inalize\x18\x03 \x01(\x0b\x32\x1c.nemotron.speech.v1.FinalizeH\x00R\x08\x66inalizeB\t\n\x07request\"\xe6\x01\n\x11RecognitionConfig\x12$\n\x0esample_rate_hz\x18\x01 \x01(\rR\x0csampleRateHz\x12=\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32!.nemotron.speech.v1.AudioEncodingR\x08\x65ncoding\x12\x1a\n\x08language\x18\x03 \x01(\tR\x08language\x12\'\n\x0finterim_results\x18\x04 \x01(\x08R\x0einterimResults\x12\'\n\x0fword_timestamps\x18\x05 \x01(\x08R\x0ewordTimestamps\"\xd7\x01\n\x08\x46inalize\x12!\n\x0cutterance_id\x18\x01 \x01(\tR\x0butteranceId\x12\x12\n\x04soft\x18\x02 \x01(\x08R\x04soft\x12S\n\rtrace_context\x18\x03 \x03(\x0b\x32..nemotron.speech.v1.Finalize.TraceContextEntryR\x0ctraceContext\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xa7\x01\n\x1aStreamingRecognizeResponse\x12;\n\x05ready\x18\x01 \x01(\x0b\x32#.nemotron.speech.v1.RecognizerReadyH\x00R\x05ready\x12@\n\ntranscript\x18\x02 \x01(\x0b\x32\x1e.nemotron.speech.v1.TranscriptH\x00R\ntranscriptB\n\n\x08response\"|\n\x0fRecognizerReady\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\x18\n\x07\x62\x61\x63kend\x18\x03 \x01(\tR\x07\x62\x61\x63kend\x12\x1a\n\x08language\x18\x04 \x01(\tR\x08language\"\x80\x03\n\nTranscript\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\x12\x19\n\x08is_final\x18\x02 \x01(\x08R\x07isFinal\x12!\n\x0cutterance_id\x18\x03 \x01(\tR\x0butteranceId\x12$\n\x0e\x61udio_start_ms\x18\x04 \x01(\x04R\x0c\x61udioStartMs\x12 \n\x0c\x61udio_end_ms\x18\x05 \x01(\x04R\naudioEndMs\x12\x1c\n\tstability\x18\x06 \x01(\x02R\tstability\x12\x12\n\x04soft\x18\x07 \x01(\x08R\x04soft\x12\x42\n\x0c\x66inal_reason\x18\x08 \x01(\x0e\x32\x1f.nemotron.speech.v1.FinalReasonR\x0b\x66inalReason\x12\x32\n\x06timing\x18\t \x01(\x0b\x32\x1a.nemotron.speech.v1.TimingR\x06timing\x12.\n\x05words\x18\n \x03(\x0b\x32\x18.nemotron.speech.v1.WordR\x05words\"l\n\x04Word\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\x12\x19\n\x08start_ms\x18\x02 \x01(\x04R\x07startMs\x12\x15\n\x06\x65nd_ms\x18\x03 \x01(\x04R\x05\x65ndMs\x12\x1e\n\nconfidence\x18\x04 \x01(\x02R\nconfidence*\x85\x01\n\x0b\x46inalReason\x12\x1c\n\x18\x46INAL_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46INAL_REASON_FINALIZE\x10\x01\x12\x1d\n\x19\x46INAL_REASON_MAX_DURATION\x10\x02\x12\x1e\n\x1a\x46INAL_REASON_END_OF_STREAM\x10\x03\x32\x85\x01\n\nAsrService\x12w\n\x12StreamingRecognize\x12-.nemotron.speech.v1.StreamingRecognizeRequest\x1a..nemotron.speech.v1.StreamingRecognizeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FINALIZE_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_FINALIZE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_FINALREASON']._serialized_start=1321
-  _globals['_FINALREASON']._serialized_end=1454
+  _globals['_FINALREASON']._serialized_start=1520
+  _globals['_FINALREASON']._serialized_end=1653
   _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=86
   _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=273
   _globals['_RECOGNITIONCONFIG']._serialized_start=276
-  _globals['_RECOGNITIONCONFIG']._serialized_end=465
-  _globals['_FINALIZE']._serialized_start=468
-  _globals['_FINALIZE']._serialized_end=683
-  _globals['_FINALIZE_TRACECONTEXTENTRY']._serialized_start=620
-  _globals['_FINALIZE_TRACECONTEXTENTRY']._serialized_end=683
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=686
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=853
-  _globals['_RECOGNIZERREADY']._serialized_start=855
-  _globals['_RECOGNIZERREADY']._serialized_end=979
-  _globals['_TRANSCRIPT']._serialized_start=982
-  _globals['_TRANSCRIPT']._serialized_end=1318
-  _globals['_ASRSERVICE']._serialized_start=1457
-  _globals['_ASRSERVICE']._serialized_end=1590
+  _globals['_RECOGNITIONCONFIG']._serialized_end=506
+  _globals['_FINALIZE']._serialized_start=509
+  _globals['_FINALIZE']._serialized_end=724
+  _globals['_FINALIZE_TRACECONTEXTENTRY']._serialized_start=661
+  _globals['_FINALIZE_TRACECONTEXTENTRY']._serialized_end=724
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=727
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=894
+  _globals['_RECOGNIZERREADY']._serialized_start=896
+  _globals['_RECOGNIZERREADY']._serialized_end=1020
+  _globals['_TRANSCRIPT']._serialized_start=1023
+  _globals['_TRANSCRIPT']._serialized_end=1407
+  _globals['_WORD']._serialized_start=1409
+  _globals['_WORD']._serialized_end=1517
+  _globals['_ASRSERVICE']._serialized_start=1656
+  _globals['_ASRSERVICE']._serialized_end=1789
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -30,16 +30,18 @@ class StreamingRecognizeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio: _Optional[bytes] = ..., finalize: _Optional[_Union[Finalize, _Mapping]] = ...) -> None: ...
 
 class RecognitionConfig(_message.Message):
-    __slots__ = ("sample_rate_hz", "encoding", "language", "interim_results")
+    __slots__ = ("sample_rate_hz", "encoding", "language", "interim_results", "word_timestamps")
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    WORD_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     sample_rate_hz: int
     encoding: _common_pb2.AudioEncoding
     language: str
     interim_results: bool
-    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[_common_pb2.AudioEncoding, str]] = ..., language: _Optional[str] = ..., interim_results: _Optional[bool] = ...) -> None: ...
+    word_timestamps: bool
+    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[_common_pb2.AudioEncoding, str]] = ..., language: _Optional[str] = ..., interim_results: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ...) -> None: ...
 
 class Finalize(_message.Message):
     __slots__ = ("utterance_id", "soft", "trace_context")
@@ -79,7 +81,7 @@ class RecognizerReady(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class Transcript(_message.Message):
-    __slots__ = ("text", "is_final", "utterance_id", "audio_start_ms", "audio_end_ms", "stability", "soft", "final_reason", "timing")
+    __slots__ = ("text", "is_final", "utterance_id", "audio_start_ms", "audio_end_ms", "stability", "soft", "final_reason", "timing", "words")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IS_FINAL_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +91,7 @@ class Transcript(_message.Message):
     SOFT_FIELD_NUMBER: _ClassVar[int]
     FINAL_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
     text: str
     is_final: bool
     utterance_id: str
@@ -98,4 +101,17 @@ class Transcript(_message.Message):
     soft: bool
     final_reason: FinalReason
     timing: _common_pb2.Timing
-    def __init__(self, text: _Optional[str] = ..., is_final: _Optional[bool] = ..., utterance_id: _Optional[str] = ..., audio_start_ms: _Optional[int] = ..., audio_end_ms: _Optional[int] = ..., stability: _Optional[float] = ..., soft: _Optional[bool] = ..., final_reason: _Optional[_Union[FinalReason, str]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
+    words: _containers.RepeatedCompositeFieldContainer[Word]
+    def __init__(self, text: _Optional[str] = ..., is_final: _Optional[bool] = ..., utterance_id: _Optional[str] = ..., audio_start_ms: _Optional[int] = ..., audio_end_ms: _Optional[int] = ..., stability: _Optional[float] = ..., soft: _Optional[bool] = ..., final_reason: _Optional[_Union[FinalReason, str]] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ...) -> None: ...
+
+class Word(_message.Message):
+    __slots__ = ("text", "start_ms", "end_ms", "confidence")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    start_ms: int
+    end_ms: int
+    confidence: float
+    def __init__(self, text: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., confidence: _Optional[float] = ...) -> None: ...

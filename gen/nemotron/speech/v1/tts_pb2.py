@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from nemotron.speech.v1 import common_pb2 as nemotron_dot_speech_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnemotron/speech/v1/tts.proto\x12\x12nemotron.speech.v1\x1a\x1fnemotron/speech/v1/common.proto\"\x89\x02\n\x11SynthesizeRequest\x12=\n\x06\x63onfig\x18\x01 \x01(\x0b\x32#.nemotron.speech.v1.SynthesisConfigH\x00R\x06\x63onfig\x12\x35\n\x04text\x18\x02 \x01(\x0b\x32\x1f.nemotron.speech.v1.TextSegmentH\x00R\x04text\x12\x37\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1f.nemotron.speech.v1.CloseStreamH\x00R\x05\x63lose\x12:\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32 .nemotron.speech.v1.CancelStreamH\x00R\x06\x63\x61ncelB\t\n\x07request\"\xa8\x01\n\x0fSynthesisConfig\x12\x14\n\x05voice\x18\x01 \x01(\tR\x05voice\x12\x1a\n\x08language\x18\x02 \x01(\tR\x08language\x12$\n\x0esample_rate_hz\x18\x03 \x01(\rR\x0csampleRateHz\x12=\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32!.nemotron.speech.v1.AudioEncodingR\x08\x65ncoding\"\x90\x02\n\x0bTextSegment\x12\x1d\n\nsegment_id\x18\x01 \x01(\tR\tsegmentId\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12\x35\n\x04mode\x18\x03 \x01(\x0e\x32!.nemotron.speech.v1.SynthesisModeR\x04mode\x12V\n\rtrace_context\x18\x04 \x03(\x0b\x32\x31.nemotron.speech.v1.TextSegment.TraceContextEntryR\x0ctraceContext\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\r\n\x0b\x43loseStream\"\x0e\n\x0c\x43\x61ncelStream\"\xf1\x02\n\x12SynthesizeResponse\x12J\n\x0estream_created\x18\x01 \x01(\x0b\x32!.nemotron.speech.v1.StreamCreatedH\x00R\rstreamCreated\x12\x36\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1e.nemotron.speech.v1.AudioChunkH\x00R\x05\x61udio\x12P\n\x10segment_complete\x18\x03 \x01(\x0b\x32#.nemotron.speech.v1.SegmentCompleteH\x00R\x0fsegmentComplete\x12\x34\n\x04\x64one\x18\x04 \x01(\x0b\x32\x1e.nemotron.speech.v1.StreamDoneH\x00R\x04\x64one\x12\x43\n\tcancelled\x18\x05 \x01(\x0b\x32#.nemotron.speech.v1.StreamCancelledH\x00R\tcancelledB\n\n\x08response\"\xf3\x01\n\rStreamCreated\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12$\n\x0esample_rate_hz\x18\x02 \x01(\rR\x0csampleRateHz\x12=\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32!.nemotron.speech.v1.AudioEncodingR\x08\x65ncoding\x12\x14\n\x05voice\x18\x04 \x01(\tR\x05voice\x12\x1a\n\x08language\x18\x05 \x01(\tR\x08language\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\x12\x18\n\x07\x62\x61\x63kend\x18\x07 \x01(\tR\x07\x62\x61\x63kend\"z\n\nAudioChunk\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12\x1d\n\nsegment_id\x18\x02 \x01(\tR\tsegmentId\x12\x14\n\x05\x61udio\x18\x03 \x01(\x0cR\x05\x61udio\x12\x1a\n\x08sequence\x18\x04 \x01(\rR\x08sequence\"\x9c\x01\n\x0fSegmentComplete\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12\x1d\n\nsegment_id\x18\x02 \x01(\tR\tsegmentId\x12\x19\n\x08\x61udio_ms\x18\x03 \x01(\x01R\x07\x61udioMs\x12\x32\n\x06timing\x18\x04 \x01(\x0b\x32\x1a.nemotron.speech.v1.TimingR\x06timing\"O\n\nStreamDone\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12$\n\x0etotal_audio_ms\x18\x02 \x01(\x01R\x0ctotalAudioMs\"Y\n\x0fStreamCancelled\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12)\n\x10\x64ropped_segments\x18\x02 \x01(\rR\x0f\x64roppedSegments\"/\n\x11ListVoicesRequest\x12\x1a\n\x08language\x18\x01 \x01(\tR\x08language\"G\n\x12ListVoicesResponse\x12\x31\n\x06voices\x18\x01 \x03(\x0b\x32\x19.nemotron.speech.v1.VoiceR\x06voices\"\x98\x01\n\x05Voice\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n\tlanguages\x18\x02 \x03(\tR\tlanguages\x12$\n\x0esample_rate_hz\x18\x03 \x01(\rR\x0csampleRateHz\x12\x18\n\x07\x62\x61\x63kend\x18\x04 \x01(\tR\x07\x62\x61\x63kend\x12\x1d\n\nis_default\x18\x05 \x01(\x08R\tisDefault*d\n\rSynthesisMode\x12\x1e\n\x1aSYNTHESIS_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15SYNTHESIS_MODE_STREAM\x10\x01\x12\x18\n\x14SYNTHESIS_MODE_BATCH\x10\x02\x32\xca\x01\n\nTtsService\x12_\n\nSynthesize\x12%.nemotron.speech.v1.SynthesizeRequest\x1a&.nemotron.speech.v1.SynthesizeResponse(\x01\x30\x01\x12[\n\nListVoices\x12%.nemotron.speech.v1.ListVoicesRequest\x1a&.nemotron.speech.v1.ListVoicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnemotron/speech/v1/tts.proto\x12\x12nemotron.speech.v1\x1a\x1fnemotron/speech/v1/common.proto\"\x89\x02\n\x11SynthesizeRequest\x12=\n\x06\x63onfig\x18\x01 \x01(\x0b\x32#.nemotron.speech.v1.SynthesisConfigH\x00R\x06\x63onfig\x12\x35\n\x04text\x18\x02 \x01(\x0b\x32\x1f.nemotron.speech.v1.TextSegmentH\x00R\x04text\x12\x37\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1f.nemotron.speech.v1.CloseStreamH\x00R\x05\x63lose\x12:\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32 .nemotron.speech.v1.CancelStreamH\x00R\x06\x63\x61ncelB\t\n\x07request\"\xa8\x01\n\x0fSynthesisConfig\x12\x14\n\x05voice\x18\x01 \x01(\tR\x05voice\x12\x1a\n\x08language\x18\x02 \x01(\tR\x08language\x12$\n\x0esample_rate_hz\x18\x03 \x01(\rR\x0csampleRateHz\x12=\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32!.nemotron.speech.v1.AudioEncodingR\x08\x65ncoding\"\x90\x02\n\x0bTextSegment\x12\x1d\n\nsegment_id\x18\x01 \x01(\tR\tsegmentId\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12\x35\n\x04mode\x18\x03 \x01(\x0e\x32!.nemotron.speech.v1.SynthesisModeR\x04mode\x12V\n\rtrace_context\x18\x04 \x03(\x0b\x32\x31.nemotron.speech.v1.TextSegment.TraceContextEntryR\x0ctraceContext\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\r\n\x0b\x43loseStream\"\x0e\n\x0c\x43\x61ncelStream\"\xf1\x02\n\x12SynthesizeResponse\x12J\n\x0estream_created\x18\x01 \x01(\x0b\x32!.nemotron.speech.v1.StreamCreatedH\x00R\rstreamCreated\x12\x36\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1e.nemotron.speech.v1.AudioChunkH\x00R\x05\x61udio\x12P\n\x10segment_complete\x18\x03 \x01(\x0b\x32#.nemotron.speech.v1.SegmentCompleteH\x00R\x0fsegmentComplete\x12\x34\n\x04\x64one\x18\x04 \x01(\x0b\x32\x1e.nemotron.speech.v1.StreamDoneH\x00R\x04\x64one\x12\x43\n\tcancelled\x18\x05 \x01(\x0b\x32#.nemotron.speech.v1.StreamCancelledH\x00R\tcancelledB\n\n\x08response\"\xf3\x01\n\rStreamCreated\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12$\n\x0esample_rate_hz\x18\x02 \x01(\rR\x0csampleRateHz\x12=\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32!.nemotron.speech.v1.AudioEncodingR\x08\x65ncoding\x12\x14\n\x05voice\x18\x04 \x01(\tR\x05voice\x12\x1a\n\x08language\x18\x05 \x01(\tR\x08language\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\x12\x18\n\x07\x62\x61\x63kend\x18\x07 \x01(\tR\x07\x62\x61\x63kend\"\xb0\x01\n\nAudioChunk\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12\x1d\n\nsegment_id\x18\x02 \x01(\tR\tsegmentId\x12\x14\n\x05\x61udio\x18\x03 \x01(\x0cR\x05\x61udio\x12\x1a\n\x08sequence\x18\x04 \x01(\rR\x08sequence\x12\x34\n\x05words\x18\x05 \x03(\x0b\x32\x1e.nemotron.speech.v1.WordTimingR\x05words\"\xb1\x01\n\nWordTiming\x12\x12\n\x04word\x18\x01 \x01(\tR\x04word\x12\x1f\n\x0btext_offset\x18\x02 \x01(\rR\ntextOffset\x12\x19\n\x08start_ms\x18\x03 \x01(\x01R\x07startMs\x12\x15\n\x06\x65nd_ms\x18\x04 \x01(\x01R\x05\x65ndMs\x12<\n\x06source\x18\x05 \x01(\x0e\x32$.nemotron.speech.v1.WordTimingSourceR\x06source\"\x9c\x01\n\x0fSegmentComplete\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12\x1d\n\nsegment_id\x18\x02 \x01(\tR\tsegmentId\x12\x19\n\x08\x61udio_ms\x18\x03 \x01(\x01R\x07\x61udioMs\x12\x32\n\x06timing\x18\x04 \x01(\x0b\x32\x1a.nemotron.speech.v1.TimingR\x06timing\"O\n\nStreamDone\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12$\n\x0etotal_audio_ms\x18\x02 \x01(\x01R\x0ctotalAudioMs\"Y\n\x0fStreamCancelled\x12\x1b\n\tstream_id\x18\x01 \x01(\tR\x08streamId\x12)\n\x10\x64ropped_segments\x18\x02 \x01(\rR\x0f\x64roppedSegments\"/\n\x11ListVoicesRequest\x12\x1a\n\x08language\x18\x01 \x01(\tR\x08language\"G\n\x12ListVoicesResponse\x12\x31\n\x06voices\x18\x01 \x03(\x0b\x32\x19.nemotron.speech.v1.VoiceR\x06voices\"\x98\x01\n\x05Voice\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n\tlanguages\x18\x02 \x03(\tR\tlanguages\x12$\n\x0esample_rate_hz\x18\x03 \x01(\rR\x0csampleRateHz\x12\x18\n\x07\x62\x61\x63kend\x18\x04 \x01(\tR\x07\x62\x61\x63kend\x12\x1d\n\nis_default\x18\x05 \x01(\x08R\tisDefault*d\n\rSynthesisMode\x12\x1e\n\x1aSYNTHESIS_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15SYNTHESIS_MODE_STREAM\x10\x01\x12\x18\n\x14SYNTHESIS_MODE_BATCH\x10\x02*v\n\x10WordTimingSource\x12\"\n\x1eWORD_TIMING_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WORD_TIMING_SOURCE_MODEL\x10\x01\x12 \n\x1cWORD_TIMING_SOURCE_ESTIMATED\x10\x02\x32\xca\x01\n\nTtsService\x12_\n\nSynthesize\x12%.nemotron.speech.v1.SynthesizeRequest\x1a&.nemotron.speech.v1.SynthesizeResponse(\x01\x30\x01\x12[\n\nListVoices\x12%.nemotron.speech.v1.ListVoicesRequest\x1a&.nemotron.speech.v1.ListVoicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TEXTSEGMENT_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_TEXTSEGMENT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_SYNTHESISMODE']._serialized_start=2180
-  _globals['_SYNTHESISMODE']._serialized_end=2280
+  _globals['_SYNTHESISMODE']._serialized_start=2415
+  _globals['_SYNTHESISMODE']._serialized_end=2515
+  _globals['_WORDTIMINGSOURCE']._serialized_start=2517
+  _globals['_WORDTIMINGSOURCE']._serialized_end=2635
   _globals['_SYNTHESIZEREQUEST']._serialized_start=86
   _globals['_SYNTHESIZEREQUEST']._serialized_end=351
   _globals['_SYNTHESISCONFIG']._serialized_start=354
@@ -52,20 +54,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNTHESIZERESPONSE']._serialized_end=1200
   _globals['_STREAMCREATED']._serialized_start=1203
   _globals['_STREAMCREATED']._serialized_end=1446
-  _globals['_AUDIOCHUNK']._serialized_start=1448
-  _globals['_AUDIOCHUNK']._serialized_end=1570
-  _globals['_SEGMENTCOMPLETE']._serialized_start=1573
-  _globals['_SEGMENTCOMPLETE']._serialized_end=1729
-  _globals['_STREAMDONE']._serialized_start=1731
-  _globals['_STREAMDONE']._serialized_end=1810
-  _globals['_STREAMCANCELLED']._serialized_start=1812
-  _globals['_STREAMCANCELLED']._serialized_end=1901
-  _globals['_LISTVOICESREQUEST']._serialized_start=1903
-  _globals['_LISTVOICESREQUEST']._serialized_end=1950
-  _globals['_LISTVOICESRESPONSE']._serialized_start=1952
-  _globals['_LISTVOICESRESPONSE']._serialized_end=2023
-  _globals['_VOICE']._serialized_start=2026
-  _globals['_VOICE']._serialized_end=2178
-  _globals['_TTSSERVICE']._serialized_start=2283
-  _globals['_TTSSERVICE']._serialized_end=2485
+  _globals['_AUDIOCHUNK']._serialized_start=1449
+  _globals['_AUDIOCHUNK']._serialized_end=1625
+  _globals['_WORDTIMING']._serialized_start=1628
+  _globals['_WORDTIMING']._serialized_end=1805
+  _globals['_SEGMENTCOMPLETE']._serialized_start=1808
+  _globals['_SEGMENTCOMPLETE']._serialized_end=1964
+  _globals['_STREAMDONE']._serialized_start=1966
+  _globals['_STREAMDONE']._serialized_end=2045
+  _globals['_STREAMCANCELLED']._serialized_start=2047
+  _globals['_STREAMCANCELLED']._serialized_end=2136
+  _globals['_LISTVOICESREQUEST']._serialized_start=2138
+  _globals['_LISTVOICESREQUEST']._serialized_end=2185
+  _globals['_LISTVOICESRESPONSE']._serialized_start=2187
+  _globals['_LISTVOICESRESPONSE']._serialized_end=2258
+  _globals['_VOICE']._serialized_start=2261
+  _globals['_VOICE']._serialized_end=2413
+  _globals['_TTSSERVICE']._serialized_start=2638
+  _globals['_TTSSERVICE']._serialized_end=2840
 # @@protoc_insertion_point(module_scope)

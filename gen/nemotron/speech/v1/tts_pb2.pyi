@@ -13,9 +13,18 @@ class SynthesisMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNTHESIS_MODE_UNSPECIFIED: _ClassVar[SynthesisMode]
     SYNTHESIS_MODE_STREAM: _ClassVar[SynthesisMode]
     SYNTHESIS_MODE_BATCH: _ClassVar[SynthesisMode]
+
+class WordTimingSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORD_TIMING_SOURCE_UNSPECIFIED: _ClassVar[WordTimingSource]
+    WORD_TIMING_SOURCE_MODEL: _ClassVar[WordTimingSource]
+    WORD_TIMING_SOURCE_ESTIMATED: _ClassVar[WordTimingSource]
 SYNTHESIS_MODE_UNSPECIFIED: SynthesisMode
 SYNTHESIS_MODE_STREAM: SynthesisMode
 SYNTHESIS_MODE_BATCH: SynthesisMode
+WORD_TIMING_SOURCE_UNSPECIFIED: WordTimingSource
+WORD_TIMING_SOURCE_MODEL: WordTimingSource
+WORD_TIMING_SOURCE_ESTIMATED: WordTimingSource
 
 class SynthesizeRequest(_message.Message):
     __slots__ = ("config", "text", "close", "cancel")
@@ -101,16 +110,32 @@ class StreamCreated(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[_common_pb2.AudioEncoding, str]] = ..., voice: _Optional[str] = ..., language: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
-    __slots__ = ("stream_id", "segment_id", "audio", "sequence")
+    __slots__ = ("stream_id", "segment_id", "audio", "sequence", "words")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     segment_id: str
     audio: bytes
     sequence: int
-    def __init__(self, stream_id: _Optional[str] = ..., segment_id: _Optional[str] = ..., audio: _Optional[bytes] = ..., sequence: _Optional[int] = ...) -> None: ...
+    words: _containers.RepeatedCompositeFieldContainer[WordTiming]
+    def __init__(self, stream_id: _Optional[str] = ..., segment_id: _Optional[str] = ..., audio: _Optional[bytes] = ..., sequence: _Optional[int] = ..., words: _Optional[_Iterable[_Union[WordTiming, _Mapping]]] = ...) -> None: ...
+
+class WordTiming(_message.Message):
+    __slots__ = ("word", "text_offset", "start_ms", "end_ms", "source")
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    TEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    word: str
+    text_offset: int
+    start_ms: float
+    end_ms: float
+    source: WordTimingSource
+    def __init__(self, word: _Optional[str] = ..., text_offset: _Optional[int] = ..., start_ms: _Optional[float] = ..., end_ms: _Optional[float] = ..., source: _Optional[_Union[WordTimingSource, str]] = ...) -> None: ...
 
 class SegmentComplete(_message.Message):
     __slots__ = ("stream_id", "segment_id", "audio_ms", "timing")
