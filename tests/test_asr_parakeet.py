@@ -34,6 +34,7 @@ from services.asr.settings import AsrSettings
 from services.runtime.audio import float_to_pcm16
 from services.runtime.errors import Unavailable
 from services.runtime.streams import StreamQueue
+from tests.asr_messages import check_words
 from tests.helpers import frames, read_all
 from tests.servers import channel_to, running
 
@@ -522,3 +523,92 @@ async def test_without_cuda_graphs_the_decoder_is_the_seeds_and_streams_the_same
     finally:
         await backend.aclose()
         tiny_model.change_decoding_strategy(greedy_decoding(tiny_model.cfg.decoding, True))
+
+
+# ---- word times -------------------------------------------------------------------------------
+
+
+def offline_token_frames(model: Any, audio: np.ndarray, right_context: int) -> list[int]:
+    """The encoder frame of each token in the model's own offline pass."""
+    model.encoder.set_default_att_context_size([70, right_context])
+    padded = np.concatenate([audio, silence(0.08 * (right_context + 1), 16000)])
+    with torch.inference_mode():
+        features, length = model.preprocessor(
+            input_signal=torch.from_numpy(padded)[None], length=torch.tensor([padded.size])
+        )
+        encoded, encoded_length = model.encoder(audio_signal=features, length=length)
+        (hypothesis,) = model.decoding.rnnt_decoder_predictions_tensor(
+            encoder_output=encoded, encoded_lengths=encoded_length, return_hypotheses=True
+        )
+    return [int(t) for t in hypothesis.timestamp]
+
+
+async def recognize_words(
+    backend: ParakeetAsrBackend, audio: np.ndarray, piece: int
+) -> list[Hypothesis]:
+    events: StreamQueue[RecognizerEvent] = StreamQueue(8)
+
+    async def feed() -> None:
+        for start in range(0, audio.size, piece):
+            await events.put(AudioEvent(audio[start : start + piece]))
+        await events.put(FinalizeEvent("end", FinalizeKind.FINALIZE))
+        events.close()
+
+    feeder = asyncio.create_task(feed())
+    options = StreamOptions("s", "en", True, word_timestamps=True)
+    hypotheses = [h async for h in backend.recognize(options, events)]
+    await feeder
+    return hypotheses
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("right_context", [0, 1, 6])
+async def test_streamed_token_frames_are_the_offline_pass_frames(tiny_model, right_context):
+    backend = await loaded(tiny_model, right_context)
+    try:
+        audio = audio_of(21, 2.6, right_context)
+        hypotheses = await recognize_words(backend, audio, piece=320)
+        final = hypotheses[-1]
+        assert final.answers is not None and final.text
+        expected = offline_token_frames(tiny_model, audio, right_context)
+        pieces = tiny_model.decoding.decode_ids_to_tokens(
+            [LABELS.index(c) for c in final.text]  # the labels are the characters
+        )
+        # The words' first and last tokens sit at the frames the offline pass gave them.
+        starts, index = [], 0
+        for piece in pieces:
+            if piece != " " and (index == 0 or pieces[index - 1] == " "):
+                starts.append(expected[index])
+            index += 1
+        assert [w.start_ms for w in final.words] == pytest.approx(
+            [min(80.0 * frame, final.audio_ms) for frame in starts]
+        )
+        assert " ".join(w.text for w in final.words) == final.text
+        for hypothesis in hypotheses:
+            assert " ".join(w.text for w in hypothesis.words) == hypothesis.text
+            times = [(w.start_ms, w.end_ms) for w in hypothesis.words]
+            assert all(0 <= start <= end <= hypothesis.audio_ms for start, end in times)
+            assert [s for s, _ in times] == sorted(s for s, _ in times)
+            assert all(w.confidence == 1.0 for w in hypothesis.words)
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_over_grpc_words_lie_inside_each_utterance(tiny_model, nemo_stub):
+    Req = asr_pb2.StreamingRecognizeRequest
+    config = asr_pb2.RecognitionConfig(
+        sample_rate_hz=16000, interim_results=True, word_timestamps=True
+    )
+    requests = [Req(config=config)]
+    for uid, clip in (("u1", audio_of(22, 1.5)), ("u2", audio_of(23, 1.2))):
+        requests += [Req(audio=c) for c in frames(float_to_pcm16(clip))]
+        requests.append(Req(finalize=asr_pb2.Finalize(utterance_id=uid)))
+    responses = await read_all(nemo_stub.StreamingRecognize(iter(requests)))
+    results = [r.transcript for r in responses if r.HasField("transcript")]
+    finals = [t for t in results if t.is_final]
+    assert [t.utterance_id for t in finals] == ["u1", "u2"]
+    assert all(t.words for t in finals)
+    for transcript in results:
+        check_words(transcript)
+    assert finals[1].words[0].start_ms >= finals[0].audio_end_ms

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc
-from services.asr.servicer import AsrService
+from services.asr.backend import RecognizedWord
+from services.asr.servicer import AsrService, measured_stability, stream_words
 from services.asr.settings import AsrSettings
 from tests.asr_messages import Req, audio, finalize, transcripts
 from tests.asr_messages import config as asr_config
@@ -149,6 +150,7 @@ async def test_audio_after_half_close_is_refused_and_pending_audio_is_finalized(
         ([config(), Req()], grpc.StatusCode.INVALID_ARGUMENT, "request"),
         ([config(rate=11025)], grpc.StatusCode.INVALID_ARGUMENT, "config.sample_rate_hz"),
         ([config(language="fr")], grpc.StatusCode.INVALID_ARGUMENT, "config.language"),
+        ([asr_config(words=True)], grpc.StatusCode.INVALID_ARGUMENT, "config.word_timestamps"),
         (
             [config(), finalize("x" * 200)],
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -163,6 +165,7 @@ async def test_audio_after_half_close_is_refused_and_pending_audio_is_finalized(
         "empty-request",
         "bad-rate",
         "bad-language",
+        "words-from-a-backend-without-them",
         "long-utterance-id",
     ],
 )
@@ -236,3 +239,47 @@ async def test_unavailable_while_the_model_loads():
         await server.wait_loaded()
         responses = await read_all(stub.StreamingRecognize(iter([config()])))
         assert responses[0].WhichOneof("response") == "ready"
+
+
+async def test_interim_stability_is_the_share_of_words_the_previous_interim_had(asr_stub):
+    requests = [config(), *audio(tone_pcm(0.5)), finalize("u1"), *audio(tone_pcm(0.3))]
+    results = transcripts(await read_all(asr_stub.StreamingRecognize(iter([*requests]))))
+    interims = [t for t in results if not t.is_final]
+    assert len(interims) >= 6
+    # The double's text grows by one "tick" per 100 ms: each interim keeps the earlier words and
+    # adds one; an empty text (each utterance starts with one) has nothing stable.
+    for transcript in interims:
+        words = transcript.text.split()
+        expected = (len(words) - 1) / len(words) if words else 0.0
+        assert transcript.stability == pytest.approx(expected), transcript
+    assert all(not t.words for t in results)
+
+
+@pytest.mark.parametrize(
+    ("previous", "text", "stability"),
+    [
+        (None, "a b c", 0.0),
+        ("a b", "a b c", 2 / 3),
+        ("a x c", "a b c", 2 / 3),
+        ("b c", "a b c", 0.0),
+        ("a b c d", "a b", 1.0),
+        ("a", "", 0.0),
+    ],
+)
+def test_measured_stability(previous, text, stability):
+    assert measured_stability(previous, text) == pytest.approx(stability)
+
+
+def test_words_are_placed_in_stream_time_inside_the_result():
+    words = [
+        RecognizedWord("a", -20.0, 100.0, 1.3),
+        RecognizedWord("b", 90.0, 300.0, 0.5),
+        RecognizedWord("c", 80.0, 900.0, -0.1),
+    ]
+    placed = stream_words(words, 1000, 1600)
+    assert [(w.text, w.start_ms, w.end_ms) for w in placed] == [
+        ("a", 1000, 1100),
+        ("b", 1090, 1300),
+        ("c", 1090, 1600),
+    ]
+    assert [w.confidence for w in placed] == pytest.approx([1.0, 0.5, 0.0])

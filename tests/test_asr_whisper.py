@@ -32,7 +32,7 @@ from services.asr.settings import AsrSettings
 from services.runtime.audio import float_to_pcm16, pcm16_to_float
 from services.runtime.server import MeshServer
 from services.runtime.streams import StreamQueue
-from tests.asr_messages import Req, audio, config, finalize, transcripts
+from tests.asr_messages import Req, audio, check_words, config, finalize, transcripts
 from tests.helpers import read_all, silence_pcm
 from tests.servers import channel_to, running
 from tests.speech import speech_pcm, wer
@@ -316,7 +316,7 @@ def slow_whisper(decode_s: float, decoded: list[int]) -> WhisperAsrBackend:
     """The whisper backend with a stand-in model: `decode_s` per decode, text = samples heard."""
     backend = WhisperAsrBackend(WhisperWeights("whisper-slow-double", folder=Path("/nowhere")))
 
-    def slow_decode(audio: np.ndarray, language: str) -> _Decoded:
+    def slow_decode(audio: np.ndarray, language: str, words: bool = False) -> _Decoded:
         time.sleep(decode_s)
         decoded.append(audio.size)
         return _Decoded(f"heard {audio.size}", audio.size)
@@ -482,3 +482,53 @@ async def test_sized_and_full_encoder_windows_hear_the_same_words():
     finally:
         for backend in backends.values():
             await backend.aclose()
+
+
+# ---- words and stability ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("rate", [16000, 48000])
+async def test_words_with_times_inside_each_utterance_when_asked(stub, rate):
+    gap = silence_pcm(0.7, rate)
+    requests = [
+        config(rate=rate, interim=True, words=True),
+        *audio(gap + speech_pcm(BOOK, rate), rate),
+        finalize("u1"),
+        *audio(gap + speech_pcm(LIGHTS, rate), rate),
+        finalize("u2"),
+    ]
+    results = transcripts(await read_all(stub.StreamingRecognize(paced(requests))))
+    done = [t for t in results if t.is_final]
+    assert [t.utterance_id for t in done] == ["u1", "u2"]
+    for transcript in results:
+        check_words(transcript)
+    for final in done:
+        assert final.words and final.stability == 1.0
+        # The speech starts after 0.7 s of silence in each utterance; Whisper's 20 ms alignment
+        # steps and its habit of starting a word early leave it within 0.4 s of that.
+        lead = final.words[0].start_ms - final.audio_start_ms
+        assert 300 <= lead <= 1200, lead
+        assert final.words[-1].end_ms > final.words[0].start_ms + 500
+    assert done[1].words[0].start_ms >= done[0].audio_end_ms
+
+
+async def test_no_words_unless_asked(stub):
+    requests = [config(interim=True), *audio(speech_pcm(LIGHTS)), finalize("u")]
+    results = transcripts(await read_all(stub.StreamingRecognize(paced(requests))))
+    assert results and all(not t.words for t in results)
+
+
+@pytest.mark.timeout(90)
+async def test_interim_stability_is_measured_and_finals_are_stable(stub):
+    requests = [config(interim=True), *audio(speech_pcm(WEATHER)), finalize("u")]
+    results = transcripts(await read_all(stub.StreamingRecognize(paced(requests))))
+    interims = [t for t in results if not t.is_final]
+    assert len(interims) >= 2
+    assert interims[0].stability == 0.0  # nothing came before it
+    for previous, current in itertools.pairwise(interims):
+        old, new = previous.text.split(), current.text.split()
+        kept = sum(1 for a, b in zip(old, new, strict=False) if a == b)
+        assert current.stability == pytest.approx(kept / len(new))
+    assert all(0.0 <= t.stability <= 1.0 for t in interims)
+    assert results[-1].is_final and results[-1].stability == 1.0

@@ -228,3 +228,29 @@ def test_endpointer_follows_riva_rules():
     assert endpointer.push(quiet[: rate * 3 // 10]) == 0  # 300 ms: not yet
     assert endpointer.push(quiet[: rate * 2 // 10]) == 1  # 500 ms of silence: the end
     assert endpointer.timeline.speech_within(0, 3000) == (1000, 2000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_word_offsets_are_the_recognizers_own_at_any_rate(asr):
+    rate = 48000
+    book_s = len(speech_pcm(BOOK)) / 2 / 16000
+    pcm = (
+        silence_pcm(0.3, rate)
+        + speech_pcm(BOOK, rate)
+        + silence_pcm(1.2, rate)
+        + speech_pcm(WEATHER, rate)
+        + silence_pcm(1.2, rate)
+    )
+    response = await asyncio.to_thread(
+        asr.offline_recognize, pcm, config(rate=rate, punctuation=False, words=True)
+    )
+    first, second = (result.alternatives[0] for result in response.results)
+    for alternative in (first, second):
+        assert [w.word for w in alternative.words] == alternative.transcript.split()
+        assert all(0 < w.confidence <= 1 for w in alternative.words)
+    # Whisper's alignment of each sentence's first word, in ms of the stream at 48 kHz.
+    assert 100 <= first.words[0].start_time <= 800
+    second_starts = 1000 * (0.3 + book_s + 1.2)
+    assert abs(second.words[0].start_time - second_starts) <= 400
+    assert first.words[-1].end_time <= 1000 * (0.3 + book_s) + 300

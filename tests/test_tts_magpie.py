@@ -46,6 +46,7 @@ from services.tts.backends.magpie import (  # noqa: E402
 )
 from services.tts.servicer import TtsService  # noqa: E402
 from services.tts.settings import TtsSettings  # noqa: E402
+from services.tts.words import TimingSource  # noqa: E402
 from tests.helpers import read_all, read_rest  # noqa: E402
 from tests.servers import channel_to, running  # noqa: E402
 
@@ -335,19 +336,19 @@ async def test_tiny_magpie_reports_baked_voices_at_the_codec_rate(magpie):
 
 async def test_tiny_magpie_stream_mode_sends_audio_every_few_frames(magpie):
     chunks = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.STREAM))]
-    sizes = [c.size for c in chunks]
+    sizes = [c.audio.size for c in chunks]
     # First chunk after 4 frames, one held back for the crossfade; then 4 frames per chunk.
     assert sizes[0] == 3 * SAMPLES_PER_FRAME
     assert all(size == 4 * SAMPLES_PER_FRAME for size in sizes[1:-1])
     assert sum(sizes) == TINY_STEPS * SAMPLES_PER_FRAME
-    audio = np.concatenate(chunks)
+    audio = np.concatenate([c.audio for c in chunks])
     assert audio.dtype == np.float32
     assert np.abs(audio).max() <= 1.0 and np.abs(audio).max() > 0
 
 
 async def test_tiny_magpie_batch_mode_sends_the_segment_in_one_piece(magpie):
     chunks = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.BATCH))]
-    assert [c.size for c in chunks] == [TINY_STEPS * SAMPLES_PER_FRAME]
+    assert [c.audio.size for c in chunks] == [TINY_STEPS * SAMPLES_PER_FRAME]
     empty = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.BATCH, " "))]
     assert empty == []
 
@@ -356,7 +357,7 @@ async def test_tiny_magpie_closing_a_stream_stops_generation_at_the_next_frame(m
     magpie._model.inference_parameters.max_decoder_steps = 400
     steps, _ = count_frames(magpie)
     generator = magpie.synthesize(job(magpie, SynthesisMode.STREAM))
-    assert (await anext(generator)).size > 0
+    assert (await anext(generator)).audio.size > 0
     await generator.aclose()
     at_close = steps[0]
     await gpu_idle(magpie)
@@ -383,7 +384,7 @@ async def test_tiny_magpie_cancelling_a_batch_stops_generation_between_frames(ma
     # The next synthesis starts clean.
     magpie._model.inference_parameters.max_decoder_steps = TINY_STEPS
     chunks = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.BATCH))]
-    assert sum(c.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
+    assert sum(c.audio.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
 
 
 @pytest.mark.parametrize("mode", [SynthesisMode.STREAM, SynthesisMode.BATCH])
@@ -479,7 +480,7 @@ async def test_tiny_magpie_a_reader_that_falls_behind_holds_generation_back_and_
     assert not await asyncio.to_thread(finished.wait, 1.0)
     assert steps[0] < TINY_STEPS
     chunks += [chunk async for chunk in generator]
-    assert sum(chunk.size for chunk in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
+    assert sum(chunk.audio.size for chunk in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
 
 
 async def test_tiny_magpie_closing_a_stream_whose_queue_is_full_frees_the_gpu_thread(
@@ -489,14 +490,14 @@ async def test_tiny_magpie_closing_a_stream_whose_queue_is_full_frees_the_gpu_th
     magpie._model.inference_parameters.max_decoder_steps = 400
     steps, far = count_frames(magpie, at=40)
     generator = magpie.synthesize(job(magpie, SynthesisMode.STREAM))
-    assert (await anext(generator)).size > 0
+    assert (await anext(generator)).audio.size > 0
     assert not await asyncio.to_thread(far.wait, 1.0), "the GPU thread waits for the reader"
     await generator.aclose()
     await asyncio.wait_for(gpu_idle(magpie), 10)  # no deadlock: the waiting put gave up
     assert steps[0] < 40
     magpie._model.inference_parameters.max_decoder_steps = TINY_STEPS
     chunks = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.STREAM))]
-    assert sum(c.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
+    assert sum(c.audio.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
 
 
 async def test_tiny_magpie_a_reader_that_stops_reading_loses_its_stream_not_the_gpu_thread(
@@ -507,14 +508,27 @@ async def test_tiny_magpie_a_reader_that_stops_reading_loses_its_stream_not_the_
     magpie._model.inference_parameters.max_decoder_steps = 400
     steps, _far = count_frames(magpie, at=40)
     stalled = magpie.synthesize(job(magpie, SynthesisMode.STREAM))
-    assert (await anext(stalled)).size > 0
+    assert (await anext(stalled)).audio.size > 0
     # The reader stops; after READER_STALL_S the GPU thread gives its synthesis up and is free.
     await asyncio.wait_for(gpu_idle(magpie), 10)
     assert steps[0] < 40
     magpie._model.inference_parameters.max_decoder_steps = TINY_STEPS
     chunks = [c async for c in magpie.synthesize(job(magpie, SynthesisMode.STREAM))]
-    assert sum(c.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
+    assert sum(c.audio.size for c in chunks) == TINY_STEPS * SAMPLES_PER_FRAME
     # The stalled stream, when it reads again, learns why it ended.
     with pytest.raises(ResourceExhausted, match="stopped"):
         async for _chunk in stalled:
             pass
+
+
+@pytest.mark.parametrize("mode", [SynthesisMode.STREAM, SynthesisMode.BATCH])
+async def test_tiny_magpie_estimates_each_word_once_inside_its_audio(magpie, mode):
+    words = "Well, I think we should leave before it rains."
+    chunks = [c async for c in magpie.synthesize(job(magpie, mode, words))]
+    times = [t for c in chunks for t in c.words]
+    assert [t.index for t in times] == list(range(len(words.split())))
+    assert {c.source for c in chunks} == {TimingSource.ESTIMATED}
+    for chunk in chunks:
+        chunk_ms = 1000 * chunk.audio.size / TINY_RATE
+        assert all(0 <= t.start_ms < chunk_ms for t in chunk.words)
+        assert all(t.end_ms >= t.start_ms for t in chunk.words)

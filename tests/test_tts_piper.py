@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import re
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +18,7 @@ from services.tts.backend import SynthesisJob, SynthesisMode
 from services.tts.backends.piper import PiperTtsBackend
 from services.tts.servicer import TtsService
 from services.tts.settings import TtsSettings
+from services.tts.words import TimingSource
 from tests.helpers import field_violation, read_all, read_rest, refusal
 from tests.servers import channel_to, running
 from tests.tts_messages import BATCH, CANCEL, CLOSE, STREAM, config, kinds, text
@@ -318,13 +321,13 @@ async def test_backend_stream_mode_yields_the_first_phrase_first():
         voice = backend.voices[0]
         words = "Well, I think that we should probably leave for the station before it rains."
         stream = [
-            chunk.size
+            chunk.audio.size
             async for chunk in backend.synthesize(
                 SynthesisJob(words, voice, "en-US", SynthesisMode.STREAM)
             )
         ]
         batch = [
-            chunk.size
+            chunk.audio.size
             async for chunk in backend.synthesize(
                 SynthesisJob(words, voice, "en-US", SynthesisMode.BATCH)
             )
@@ -349,9 +352,135 @@ async def test_closing_the_generator_mid_synthesis_stops_at_the_next_phrase():
         job = SynthesisJob(LONG * 2, backend.voices[0], "en-US", SynthesisMode.STREAM)
         generator = backend.synthesize(job)
         first = await anext(generator)
-        assert first.size > 0
+        assert first.audio.size > 0
         await generator.aclose()
         with pytest.raises(StopAsyncIteration):
             await anext(generator)
+    finally:
+        await backend.aclose()
+
+
+# ---- word timings -------------------------------------------------------------------------------
+
+MODEL_TIMES = (
+    tts_pb2.WORD_TIMING_SOURCE_MODEL
+    if importlib.util.find_spec("onnx")
+    else tts_pb2.WORD_TIMING_SOURCE_ESTIMATED
+)
+
+
+def check_word_timings(
+    responses: list[Response], segment_id: str, written: str, rate: int
+) -> list[tts_pb2.WordTiming]:
+    """Assert the contract of `AudioChunk.words` for one segment; return its words in order."""
+    chunks = [r.audio for r in responses if r.WhichOneof("response") == "audio"]
+    chunks = [chunk for chunk in chunks if chunk.segment_id == segment_id]
+    words = [word for chunk in chunks for word in chunk.words]
+    expected = [(m.group(0), m.start()) for m in re.finditer(r"\S+", written)]
+    assert [(w.word, w.text_offset) for w in words] == expected
+    assert all(written[w.text_offset :].startswith(w.word) for w in words)
+    assert all(w.source == MODEL_TIMES for w in words)
+    total_ms = 1000 * sum(len(c.audio) // 2 for c in chunks) / rate
+    starts = [w.start_ms for w in words]
+    assert starts == sorted(starts)
+    assert all(0 <= w.start_ms <= w.end_ms <= total_ms for w in words)
+    # Each word is in the chunk its start falls in (the last chunk takes what lies beyond).
+    chunk_start = 0.0
+    for index, chunk in enumerate(chunks):
+        chunk_end = chunk_start + 1000 * (len(chunk.audio) // 2) / rate
+        for word in chunk.words:
+            assert word.start_ms >= chunk_start - 1e-6
+            assert word.start_ms < chunk_end or index == len(chunks) - 1
+        chunk_start = chunk_end
+    return words
+
+
+@pytest.mark.parametrize("mode", [STREAM, BATCH])
+@pytest.mark.parametrize("rate", [0, 16000, 48000])
+async def test_every_word_arrives_once_with_its_start_in_its_chunk(stub, mode, rate):
+    written = "Well, I think we should leave for the station, before it rains. Is that okay?"
+    responses = await read_all(
+        stub.Synthesize(iter([config(rate=rate), text("w", written, mode), CLOSE]))
+    )
+    words = check_word_timings(responses, "w", written, rate or NATIVE)
+    total_ms = completes(responses)[0].audio_ms
+    assert words[0].start_ms < 300
+    assert words[-1].start_ms < total_ms - 100
+    assert words[-1].end_ms > 0.7 * total_ms
+
+
+async def test_written_numbers_and_symbols_keep_their_own_words_and_offsets(stub):
+    segments = {
+        "money": "It costs $42. Thanks!",
+        "mixed": "Dr. Smith paid \u20ac1,500 at 3:30 pm \U0001f44d, ok?",
+        "hard": HARD_TEXTS["currency"],
+        "quotes": HARD_TEXTS["smart-quotes"],
+    }
+    requests = [config()] + [text(k, v) for k, v in segments.items()] + [CLOSE]
+    responses = await read_all(stub.Synthesize(iter(requests)))
+    for segment_id, written in segments.items():
+        check_word_timings(responses, segment_id, written, NATIVE)
+    money = check_word_timings(responses, "money", segments["money"], NATIVE)
+    assert [(w.word, w.text_offset) for w in money] == [
+        ("It", 0),
+        ("costs", 3),
+        ("$42.", 9),
+        ("Thanks!", 14),
+    ]
+    # "$42." is spoken as "forty two dollars": it lasts several times longer than "It".
+    assert money[2].end_ms - money[2].start_ms > 2 * (money[0].end_ms - money[0].start_ms)
+
+
+async def test_words_track_the_audio(stub):
+    """A word starts where there is speech, and the pause of a sentence end lies between words."""
+    written = "Hello there. Goodbye now."
+    responses = await read_all(stub.Synthesize(iter([config(), text("t", written), CLOSE])))
+    words = check_word_timings(responses, "t", written, NATIVE)
+    samples = audio_of(responses, "t")
+    frame = NATIVE // 100  # 10 ms frames
+    energy = np.array(
+        [np.sqrt(np.mean(samples[i : i + frame] ** 2)) for i in range(0, samples.size, frame)]
+    )
+    speech = energy > 0.1 * energy.max()
+
+    def voiced_near(ms: float) -> bool:
+        index = int(ms // 10)
+        return bool(speech[max(0, index - 3) : index + 8].any())
+
+    assert all(voiced_near(w.start_ms) for w in words)
+    gap = slice(int(words[1].end_ms // 10) + 1, int(words[2].start_ms // 10) - 1)
+    assert words[2].start_ms - words[1].end_ms > 100
+    assert not speech[gap].any()
+
+
+async def test_unspoken_text_has_no_words_and_an_emoji_keeps_its_place(stub):
+    requests = [config(), text("blank", "  \t "), text("e", "Thanks \U0001f642 friend \U0001f642")]
+    responses = await read_all(stub.Synthesize(iter([*requests, CLOSE])))
+    assert not [r for r in responses if r.HasField("audio") and r.audio.segment_id == "blank"]
+    words = check_word_timings(responses, "e", "Thanks \U0001f642 friend \U0001f642", NATIVE)
+    assert [w.word for w in words] == ["Thanks", "\U0001f642", "friend", "\U0001f642"]
+    assert words[1].start_ms == words[1].end_ms == words[0].end_ms
+    assert words[3].start_ms == words[2].end_ms
+
+
+async def test_without_the_onnx_package_word_times_are_estimated(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "onnx" else find_spec(name, *args),
+    )
+    backend = PiperTtsBackend.from_settings(TtsSettings())
+    await backend.load()
+    try:
+        words = "Well, I think we should leave before it rains."
+        job = SynthesisJob(words, backend.voices[0], "en-US", SynthesisMode.STREAM)
+        chunks = [chunk async for chunk in backend.synthesize(job)]
+        times = [t for chunk in chunks for t in chunk.words]
+        assert [t.index for t in times] == list(range(len(words.split())))
+        assert {chunk.source for chunk in chunks} == {TimingSource.ESTIMATED}
+        for chunk in chunks:
+            chunk_ms = 1000 * chunk.audio.size / NATIVE
+            assert all(0 <= t.start_ms <= t.end_ms <= chunk_ms for t in chunk.words)
     finally:
         await backend.aclose()

@@ -63,6 +63,23 @@ RecognizerEvent = AudioEvent | FinalizeEvent
 
 
 @dataclass(frozen=True)
+class RecognizedWord:
+    """A word of a hypothesis and where it lies in the utterance.
+
+    Attributes:
+        text: The word as it appears in the hypothesis' text, punctuation included.
+        start_ms: Start of the word, in ms from the start of the utterance's audio.
+        end_ms: End of the word, same origin.
+        confidence: The model's probability for the word (0..1).
+    """
+
+    text: str
+    start_ms: float
+    end_ms: float
+    confidence: float
+
+
+@dataclass(frozen=True)
 class Hypothesis:
     """What a recognizer yields: an interim result, or the answer to a finalize.
 
@@ -70,13 +87,16 @@ class Hypothesis:
         text: The recognized text of the current utterance.
         audio_ms: Milliseconds of the utterance's audio this text covers.
         answers: The finalize this answers, or None for an interim result.
-        stability: Estimated probability that the text will not change (interim results).
+        stability: Unused by the v1 servicer, which measures the stability of what it sends
+            (kept for backends and the Riva API).
+        words: The words of `text` with their times, when the stream asked for them.
     """
 
     text: str
     audio_ms: float
     answers: FinalizeEvent | None = None
     stability: float = 0.0
+    words: tuple[RecognizedWord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,8 @@ class StreamOptions:
     session_id: str
     language: str
     interim_results: bool
+    #: Hypotheses carry `words` (only asked of backends whose `word_timestamps` is true).
+    word_timestamps: bool = False
 
 
 class AsrBackend(Backend[AsrSettings]):
@@ -97,6 +119,9 @@ class AsrBackend(Backend[AsrSettings]):
 
     #: Sample rate the model consumes; the servicer resamples client audio to it.
     sample_rate_hz: int = 16000
+    #: Whether hypotheses can carry word times (`StreamOptions.word_timestamps`); a stream that
+    #: asks a backend without them is refused with INVALID_ARGUMENT.
+    word_timestamps: bool = False
 
     @property
     def languages(self) -> Sequence[str]:

@@ -141,7 +141,12 @@ class RivaAsrServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
     ) -> AsyncGenerator[Result, None]:
         """Run one stream's audio through feed, endpointer and recognizer; yield its results."""
         backend = self.service.backend
-        stream = StreamOptions(new_id("riva"), options.language, interim_results=interim)
+        stream = StreamOptions(
+            new_id("riva"),
+            options.language,
+            interim_results=interim,
+            word_timestamps=options.word_offsets and backend.word_timestamps,
+        )
         events: StreamQueue[Any] = StreamQueue(_EVENT_QUEUE_SIZE)
         feed = UtteranceFeed(
             self.service.settings, backend.sample_rate_hz, options.sample_rate_hz, events
@@ -266,14 +271,41 @@ class _ResultMaker:
             transcript=text, confidence=1.0, language_code=[self.options.language_code]
         )
         if self.options.word_offsets:
-            span = speech or (finalize.start_ms, finalize.end_ms)
-            alternative.words.extend(_words(text, span, self.options.language_code))
+            timed = self._timed_words(hypothesis, finalize.start_ms, finalize.end_ms)
+            if timed is None:  # a backend without word times: estimate them
+                span = speech or (finalize.start_ms, finalize.end_ms)
+                timed = _words(text, span, self.options.language_code)
+            alternative.words.extend(timed)
         return Result(
             alternatives=[alternative],
             is_final=True,
             stability=1.0,
             audio_processed=finalize.end_ms / 1000.0,
         )
+
+    def _timed_words(
+        self, hypothesis: Hypothesis, start_ms: float, end_ms: float
+    ) -> list[riva_asr_pb2.WordInfo] | None:
+        """The backend's own word times as Riva's, styled as the transcript is (None: none)."""
+        styled = [(self._styled(w.text), w) for w in hypothesis.words]
+        words = [(text, word) for text, word in styled if text]
+        if not words or [text for text, _ in words] != self._styled(hypothesis.text).split():
+            return None
+        infos = []
+        floor = start_ms  # starts never go back
+        for text, word in words:
+            begin = min(max(start_ms + word.start_ms, floor), end_ms)
+            floor = begin
+            infos.append(
+                riva_asr_pb2.WordInfo(
+                    word=text,
+                    start_time=round(begin),
+                    end_time=round(min(max(start_ms + word.end_ms, begin), end_ms)),
+                    confidence=min(max(word.confidence, 0.0), 1.0),
+                    language_code=self.options.language_code,
+                )
+            )
+        return infos
 
     def _styled(self, text: str) -> str:
         text = text.strip()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +15,7 @@ from services.asr.backend import (
     FinalizeEvent,
     FinalizeKind,
     Hypothesis,
+    RecognizedWord,
     RecognizerEvent,
     StreamOptions,
 )
@@ -153,10 +154,17 @@ class AsrService(MeshService[AsrSettings, AsrBackend], asr_pb2_grpc.AsrServiceSe
             self.backend.languages[0],
             field="config.language",
         )
+        if config.word_timestamps and not self.backend.word_timestamps:
+            raise InvalidArgument(
+                f"word_timestamps is not offered by the {self.backend.name} backend; "
+                "leave it false",
+                field="config.word_timestamps",
+            )
         options = StreamOptions(
             session_id=new_id("asr"),
             language=language,
             interim_results=config.interim_results,
+            word_timestamps=config.word_timestamps,
         )
         return options, config.sample_rate_hz
 
@@ -181,7 +189,11 @@ class AsrService(MeshService[AsrSettings, AsrBackend], asr_pb2_grpc.AsrServiceSe
 
 @dataclass
 class _TranscriptRelay:
-    """Protocol rules on the way out: offsets, de-duplication, soft is never final."""
+    """Protocol rules on the way out: offsets, de-duplication, soft is never final.
+
+    The stability of a non-final result is measured: the share of its words that the previous
+    result of the utterance (interim or soft) had in the same places; 0 for the first one.
+    """
 
     options: StreamOptions
     log_content: bool
@@ -197,27 +209,33 @@ class _TranscriptRelay:
         if finalize is None:
             if not self.options.interim_results or hypothesis.text == self.last_text:
                 return None
+            stability = measured_stability(self.last_text, hypothesis.text)
             self.last_text = hypothesis.text
+            start_ms = round(self.utterance_start_ms)
+            end_ms = round(self.utterance_start_ms + hypothesis.audio_ms)
             return Response(
                 transcript=asr_pb2.Transcript(
                     text=hypothesis.text,
                     is_final=False,
-                    audio_start_ms=round(self.utterance_start_ms),
-                    audio_end_ms=round(self.utterance_start_ms + hypothesis.audio_ms),
-                    stability=hypothesis.stability,
+                    audio_start_ms=start_ms,
+                    audio_end_ms=end_ms,
+                    stability=stability,
+                    words=self._words(hypothesis, start_ms, end_ms),
                 )
             )
         elapsed_ms = 1000.0 * (time.perf_counter() - finalize.received_at)
+        start_ms, end_ms = round(finalize.start_ms), round(finalize.end_ms)
         transcript = asr_pb2.Transcript(
             text=hypothesis.text,
             is_final=not finalize.soft,
             soft=finalize.soft,
             utterance_id=finalize.utterance_id,
-            audio_start_ms=round(finalize.start_ms),
-            audio_end_ms=round(finalize.end_ms),
-            stability=hypothesis.stability if finalize.soft else 1.0,
+            audio_start_ms=start_ms,
+            audio_end_ms=end_ms,
+            stability=measured_stability(self.last_text, hypothesis.text) if finalize.soft else 1.0,
             final_reason=_FINAL_REASONS.get(finalize.kind, asr_pb2.FINAL_REASON_UNSPECIFIED),
             timing=common_pb2.Timing(ttfb_ms=elapsed_ms, total_ms=elapsed_ms),
+            words=self._words(hypothesis, start_ms, end_ms),
         )
         if finalize.soft:
             self.last_text = hypothesis.text
@@ -236,6 +254,12 @@ class _TranscriptRelay:
             elapsed_ms,
         )
         return Response(transcript=transcript)
+
+    def _words(self, hypothesis: Hypothesis, start_ms: int, end_ms: int) -> list[asr_pb2.Word]:
+        """The hypothesis' words in ms since the stream began, kept inside the result's audio."""
+        if not self.options.word_timestamps:
+            return []
+        return stream_words(hypothesis.words, start_ms, end_ms)
 
     def _trace(self, finalize: FinalizeEvent, hypothesis: Hypothesis, elapsed_ms: float) -> None:
         attributes = {
@@ -263,6 +287,38 @@ class _TranscriptRelay:
             self.telemetry.record_ttfb(
                 names.METRIC_ASR_TTFB, elapsed_ms, {names.ATTR_BACKEND: self.backend_name}
             )
+
+
+def measured_stability(previous: str | None, text: str) -> float:
+    """The share of `text`'s words that `previous` had in the same places (0 without either)."""
+    words = text.split()
+    if previous is None or not words:
+        return 0.0
+    same = sum(1 for old, new in zip(previous.split(), words, strict=False) if old == new)
+    return same / len(words)
+
+
+def stream_words(words: Sequence[RecognizedWord], start_ms: int, end_ms: int) -> list[asr_pb2.Word]:
+    """Utterance-relative words as `Word`s in stream time, in order and inside [start, end].
+
+    A model's word times may run a little past the audio (alignment frames, padding the decode
+    heard); they are clamped, and a start never precedes the previous word's start.
+    """
+    result: list[asr_pb2.Word] = []
+    floor = start_ms
+    for word in words:
+        start = min(max(round(start_ms + word.start_ms), floor), end_ms)
+        end = min(max(round(start_ms + word.end_ms), start), end_ms)
+        result.append(
+            asr_pb2.Word(
+                text=word.text,
+                start_ms=start,
+                end_ms=end,
+                confidence=min(max(word.confidence, 0.0), 1.0),
+            )
+        )
+        floor = start
+    return result
 
 
 class _RequestReader:

@@ -52,3 +52,8 @@ METRIC_LLM_TTFB = "nemotron.llm.ttfb"
 #: Gauges of each server's streams (Prometheus: nemotron_streams_active, nemotron_streams_max).
 METRIC_STREAMS_ACTIVE = "nemotron.streams.active"
 METRIC_STREAMS_MAX = "nemotron.streams.max"
+
+# The bot's reply cut at an interruption (an event on the turn's span).
+EVENT_REPLY_CUT = "reply.cut"
+ATTR_WORDS_PLAYED = "nemotron.reply.words_played"
+ATTR_WORDS_GENERATED = "nemotron.reply.words_generated"

@@ -16,6 +16,7 @@ from services.runtime.audio import FloatAudio
 from services.runtime.backend import Backend
 from services.runtime.errors import InvalidArgument
 from services.tts.settings import TtsSettings
+from services.tts.words import TimingSource, WordTime
 
 
 class SynthesisMode(Enum):
@@ -61,6 +62,27 @@ class SynthesisJob:
     mode: SynthesisMode
 
 
+@dataclass(frozen=True)
+class TimedAudio:
+    """Audio and the times of the job's words that start in it.
+
+    Attributes:
+        audio: float32 mono audio at the voice's rate.
+        words: The words of `job.text.split()` whose audio starts in `audio`, in order, with
+            times from the start of `audio`. Together, a job's yields report each word once.
+        source: Whether the times come from the model or are estimated.
+    """
+
+    audio: FloatAudio
+    words: tuple[WordTime, ...]
+    source: TimingSource
+
+
+def samples_of(item: FloatAudio | TimedAudio) -> FloatAudio:
+    """The audio of what a backend yielded, with or without word times."""
+    return item.audio if isinstance(item, TimedAudio) else item
+
+
 class TtsBackend(Backend[TtsSettings]):
     """A speech synthesis engine.
 
@@ -74,8 +96,11 @@ class TtsBackend(Backend[TtsSettings]):
         """The voices offered; the first is the default."""
 
     @abstractmethod
-    def synthesize(self, job: SynthesisJob) -> AsyncGenerator[FloatAudio, None]:
+    def synthesize(self, job: SynthesisJob) -> AsyncGenerator[FloatAudio | TimedAudio, None]:
         """Speak `job.text`, yielding float32 mono audio at `job.voice.sample_rate_hz`.
+
+        Yield `TimedAudio` to report when the job's words start (clients map played audio to
+        words with them); bare audio carries no word times, and its words reach no client.
 
         In STREAM mode yield audio as soon as it exists (the first chunk decides the time to first
         byte); in BATCH mode the segment may be yielded in one piece. The servicer closes the

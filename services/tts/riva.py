@@ -25,7 +25,14 @@ from services.runtime.audio import FloatAudio, StreamResampler, float_to_pcm16
 from services.runtime.errors import InvalidArgument, rpc_errors, unary_rpc_errors
 from services.runtime.languages import resolve_language
 from services.runtime.service import MeshService
-from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice, pick_voice
+from services.tts.backend import (
+    SynthesisJob,
+    SynthesisMode,
+    TtsBackend,
+    Voice,
+    pick_voice,
+    samples_of,
+)
 from services.tts.settings import TtsSettings
 from services.tts.speakable import normalize
 from services.tts.splitting import split_for_synthesis
@@ -170,8 +177,8 @@ class RivaTtsServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
             job = SynthesisJob(piece, call.voice, call.language, mode)
             audio = self.service.backend.synthesize(job)
             try:
-                async for samples in audio:
-                    converted = resampler.push(samples)
+                async for item in audio:
+                    converted = resampler.push(samples_of(item))
                     if converted.size:
                         yield converted
             finally:

@@ -20,10 +20,11 @@ from services.runtime.ids import check_client_id, new_id
 from services.runtime.protocol import opening_request_repeated, unknown_request
 from services.runtime.streams import Duplex, cancel_and_wait
 from services.runtime.telemetry import Telemetry, context_from
-from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
+from services.tts.backend import SynthesisJob, SynthesisMode, TimedAudio, TtsBackend, Voice
 from services.tts.settings import TtsSettings
 from services.tts.speakable import normalize
 from services.tts.splitting import split_for_synthesis
+from services.tts.words import PlacedWord, SegmentWords, TimingSource
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ Response = tts_pb2.SynthesizeResponse
 # Audio messages carry at most this much audio, so a long BATCH segment is still sent in
 # bounded messages and a cancel can drop what has not gone out yet.
 _MAX_CHUNK_MS = 500
+_SOURCES = {
+    TimingSource.MODEL: tts_pb2.WORD_TIMING_SOURCE_MODEL,
+    TimingSource.ESTIMATED: tts_pb2.WORD_TIMING_SOURCE_ESTIMATED,
+}
 _MODES = {
     tts_pb2.SYNTHESIS_MODE_UNSPECIFIED: SynthesisMode.STREAM,
     tts_pb2.SYNTHESIS_MODE_STREAM: SynthesisMode.STREAM,
@@ -55,6 +60,8 @@ class _Segment:
     segment_id: str
     pieces: list[str]
     mode: SynthesisMode
+    text: str  # as sent, for its words
+    spoken: str  # as normalised, which `pieces` split
     text_chars: int = 0
     trace_context: dict[str, str] = field(default_factory=dict)
     received_at: float = field(default_factory=time.perf_counter)
@@ -122,15 +129,16 @@ class SynthesisSession:
         if self.stream_id is None:
             await self._open_stream()
         assert self.stream_id is not None
-        pieces = split_for_synthesis(
-            normalize(segment.text, self.config.language), self.settings.synthesis_chunk_chars
-        )
+        spoken = normalize(segment.text, self.config.language)
+        pieces = split_for_synthesis(spoken, self.settings.synthesis_chunk_chars)
         self.queue.append(
             _Segment(
                 self.stream_id,
                 segment_id,
                 pieces,
                 _MODES[segment.mode],
+                segment.text,
+                spoken,
                 text_chars=len(segment.text),
                 trace_context=dict(segment.trace_context),
             )
@@ -223,13 +231,29 @@ class SynthesisSession:
         rate = self.config.sample_rate_hz
         resampler = StreamResampler(self.config.voice.sample_rate_hz, rate)
         max_samples = rate * _MAX_CHUNK_MS // 1000
+        # Mapping the written words to the spoken ones takes a few ms for a long text full of
+        # numbers: a worker thread does it while the first audio is made.
+        mapping = asyncio.ensure_future(
+            asyncio.to_thread(
+                SegmentWords, segment.text, segment.spoken, segment.pieces, self.config.language
+            )
+        )
         sent = _SentAudio()
+        voice_rate = self.config.voice.sample_rate_hz
+        produced_ms = 0.0  # audio the backend yielded for this segment, in ms (any rate)
         try:
-            for piece in segment.pieces:
+            for index, piece in enumerate(segment.pieces):
                 job = SynthesisJob(piece, self.config.voice, self.config.language, segment.mode)
                 audio = self.backend.synthesize(job)
                 try:
-                    async for samples in audio:
+                    async for item in audio:
+                        if isinstance(item, TimedAudio):
+                            sent.words = sent.words or await mapping
+                            sent.words.on_audio(index, item.words, produced_ms, item.source)
+                            samples = item.audio
+                        else:
+                            samples = item
+                        produced_ms += duration_ms(samples.size, voice_rate)
                         await self._send_audio(segment, resampler.push(samples), max_samples, sent)
                 finally:
                     await audio.aclose()
@@ -237,7 +261,9 @@ class SynthesisSession:
             if self.telemetry.enabled:
                 self._trace(segment, sent, cancelled=True)
             raise
-        await self._send_audio(segment, resampler.flush(), max_samples, sent)
+        finally:
+            mapping.cancel()  # unless it was needed: a thread's work finishes there, unheard
+        await self._send_audio(segment, resampler.flush(), max_samples, sent, last=True)
         if self.telemetry.enabled:
             self._trace(segment, sent, cancelled=False)
         audio_ms = duration_ms(sent.samples, rate)
@@ -287,10 +313,32 @@ class SynthesisSession:
         )
 
     async def _send_audio(
-        self, segment: _Segment, samples: np.ndarray, max_samples: int, sent: _SentAudio
+        self,
+        segment: _Segment,
+        samples: np.ndarray,
+        max_samples: int,
+        sent: _SentAudio,
+        last: bool = False,
     ) -> None:
-        for start in range(0, samples.size, max_samples):
+        """Send `samples` in chunks, each with the words whose audio starts in it.
+
+        Times are in ms, so resampling moves no word. With `last` (the segment's end), the last
+        chunk takes every word still pending (a start rounded past the audio); if the segment's
+        audio was all sent already, an empty chunk carries them, so that no word is lost.
+        """
+        rate = self.config.sample_rate_hz
+        starts = list(range(0, samples.size, max_samples))
+        if last and not starts and sent.chunks and sent.words and sent.words.pending:
+            starts = [0]
+        for number, start in enumerate(starts):
             piece = samples[start : start + max_samples]
+            words: list[PlacedWord] = []
+            if sent.words is None:
+                pass  # the backend reported no word times (yet)
+            elif last and number == len(starts) - 1:
+                words = sent.words.take_rest()
+            else:
+                words = sent.words.take(duration_ms(sent.samples + piece.size, rate))
             await self.duplex.send(
                 Response(
                     audio=tts_pb2.AudioChunk(
@@ -298,6 +346,7 @@ class SynthesisSession:
                         segment_id=segment.segment_id,
                         audio=float_to_pcm16(piece),
                         sequence=sent.chunks,
+                        words=[_word_timing(word) for word in words],
                     )
                 )
             )
@@ -312,6 +361,17 @@ class _SentAudio:
     chunks: int = 0
     samples: int = 0
     first_at: float | None = None
+    words: SegmentWords | None = None  # once the backend reports word times
+
+
+def _word_timing(word: PlacedWord) -> tts_pb2.WordTiming:
+    return tts_pb2.WordTiming(
+        word=word.word,
+        text_offset=word.text_offset,
+        start_ms=word.start_ms,
+        end_ms=word.end_ms,
+        source=_SOURCES[word.source],
+    )
 
 
 def _stream_of(response: Response) -> str | None:

@@ -17,6 +17,12 @@ serialises streams behind one lock:
 At finalize the utterance is padded with (right_context + 1) shift frames of silence so that
 its last words get their right context, flushed, and its text answered; a soft finalize answers
 the current hypothesis at once.
+
+Word times come from the RNNT decoder: each token is emitted at an encoder frame (80 ms), which
+the greedy decoder records in the hypothesis' `timestamp` (per chunk; the stream adds the chunk's
+place in the utterance). A word starts at its first token's frame and ends a frame after its last
+one. An RNNT emits a token once it has heard it, so times run late by up to the lookahead. The
+greedy decoder keeps no token probabilities, so a word's confidence is 1.0.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from services.asr.backend import (
     FinalizeEvent,
     FinalizeKind,
     Hypothesis,
+    RecognizedWord,
     RecognizerEvent,
     StreamOptions,
     silence,
@@ -77,12 +84,14 @@ class StreamState:
     hypothesis: Any = None  # NeMo's RNNT Hypothesis, carried into the next step
     text: str = ""
     tokens: list[int] = field(default_factory=list)
+    token_frames: list[int] = field(default_factory=list)  # encoder frame of each token
 
 
 class ParakeetAsrBackend(AsrBackend):
     """A cache-aware streaming FastConformer-RNNT from a .nemo file (or a reachable hub)."""
 
     name = "nemo"
+    word_timestamps = True
 
     def __init__(
         self,
@@ -173,8 +182,12 @@ class ParakeetAsrBackend(AsrBackend):
                 for chunk in chunks:
                     await self.step(state, chunk)
                 if options.interim_results:
+                    audio_ms = 1000 * samples / self.sample_rate_hz
                     yield Hypothesis(
-                        state.text, 1000 * samples / self.sample_rate_hz, stability=0.5
+                        state.text,
+                        audio_ms,
+                        stability=0.5,
+                        words=self.words(state, audio_ms) if options.word_timestamps else (),
                     )
                 continue
             assert isinstance(event, FinalizeEvent)
@@ -182,10 +195,33 @@ class ParakeetAsrBackend(AsrBackend):
             if not event.soft:
                 for chunk in await self._on_model_thread(_finish, features, cursor, padding):
                     await self.step(state, chunk)
-            yield Hypothesis(state.text, audio_ms, answers=event, stability=0.5)
+            words = self.words(state, audio_ms) if options.word_timestamps else ()
+            yield Hypothesis(state.text, audio_ms, answers=event, stability=0.5, words=words)
             if not event.soft:
                 state = await self._on_model_thread(self.new_state)
                 samples = 0
+
+    def words(self, state: StreamState, audio_ms: float) -> tuple[RecognizedWord, ...]:
+        """The words of the stream's text with the frames of their tokens (see module doc).
+
+        Times are kept inside the utterance's `audio_ms` (the last encoder frame and the
+        finalize padding reach past it).
+        """
+        pieces = [str(p) for p in self.model.decoding.decode_ids_to_tokens(state.tokens)]
+        spans = word_frames(pieces, state.token_frames) or [(0, 0)]
+        written = state.text.split()
+        if len(spans) != len(written):  # a tokenizer whose pieces do not show the spaces
+            spans = [spans[i * len(spans) // len(written)] for i in range(len(written))]
+        frame_ms = 1000 * ENCODER_FRAME_S
+        return tuple(
+            RecognizedWord(
+                word,
+                min(frame_ms * first, audio_ms),
+                min(frame_ms * (last + 1), audio_ms),
+                1.0,
+            )
+            for word, (first, last) in zip(written, spans, strict=True)
+        )
 
     def new_state(self) -> StreamState:
         """Fresh encoder caches for one utterance."""
@@ -232,13 +268,22 @@ class ParakeetAsrBackend(AsrBackend):
                 return_transcription=True,
             )
         _, hypotheses, channel, time, channel_len, _ = result[:6]
+        subsampling = int(getattr(model.encoder, "subsampling_factor", 8))
         for index, s in enumerate(group):
             s.state.cache_last_channel = channel[:, index : index + 1].clone()
             s.state.cache_last_time = time[:, index : index + 1].clone()
             s.state.cache_last_channel_len = channel_len[index : index + 1].clone()
             hypothesis = hypotheses[index]
             s.state.hypothesis = hypothesis
-            s.state.tokens = _token_list(hypothesis.y_sequence)
+            tokens = _token_list(hypothesis.y_sequence)
+            # The chunk's first encoder frame: causal subsampling puts mel frame f in ceil(f/k).
+            base = -(-s.chunk.offset // subsampling)
+            added = len(tokens) - len(s.state.tokens)
+            stamps = _frames_of(hypothesis.timestamp)[-added:] if added > 0 else []
+            stamps = [0] * (max(added, 0) - len(stamps)) + stamps
+            s.state.token_frames = s.state.token_frames[: len(s.state.tokens)]
+            s.state.token_frames += [base + t for t in stamps]
+            s.state.tokens = tokens
             s.state.text = hypothesis.text if isinstance(hypothesis.text, str) else ""
 
     # ---- loading -------------------------------------------------------------------------
@@ -326,6 +371,36 @@ def greedy_decoding(decoding: Any, cuda_graphs: bool) -> Any:
         decoding.greedy.loop_labels = cuda_graphs
         decoding.greedy.use_cuda_graph_decoder = cuda_graphs
     return decoding
+
+
+def word_frames(pieces: list[str], frames: list[int]) -> list[tuple[int, int]]:
+    """(first, last) encoder frame of each word, from the tokens' pieces and frames.
+
+    A word starts at a piece that begins with SentencePiece's "▁" or a space, or follows a
+    piece that is only a space (character vocabularies spell the space as a token).
+    """
+    spans: list[tuple[int, int]] = []
+    after_space = True
+    for piece, frame in zip(pieces, frames, strict=False):
+        if not piece.replace("▁", " ").strip():
+            after_space = True
+            continue
+        if after_space or piece[0] in " ▁" or not spans:
+            spans.append((frame, frame))
+        else:
+            spans[-1] = (spans[-1][0], frame)
+        after_space = False
+    return spans
+
+
+def _frames_of(timestamp: Any) -> list[int]:
+    """The token frames of a hypothesis' `timestamp`, a list or a tensor.
+
+    A dict is NeMo's post-processed form, which the streaming decode does not ask for.
+    """
+    if timestamp is None or isinstance(timestamp, dict):
+        return []
+    return _token_list(timestamp)
 
 
 def _token_list(sequence: Any) -> list[int]:

@@ -94,6 +94,7 @@ class Chunk:
     length: int  # valid frames (the rest is padding)
     first: bool  # the utterance's first step (nothing to drop after pre-encoding)
     last: bool = False  # the utterance's last step (keep every output frame)
+    offset: int = 0  # mel frames of the utterance before this chunk's new frames
 
 
 class ChunkCursor:
@@ -115,6 +116,7 @@ class ChunkCursor:
         self.feat_in = feat_in
         self._pending: torch.Tensor | None = None  # frames not yet consumed (with the cache)
         self._cache_frames = 0  # how many of the pending frames are pre-encode cache
+        self._consumed = 0  # new (not cache) frames of the utterance taken by earlier chunks
         self.steps = 0
 
     def push(self, frames: torch.Tensor) -> list[Chunk]:
@@ -126,7 +128,7 @@ class ChunkCursor:
         """Every remaining chunk, the last one possibly short; then ready for a new utterance."""
         self._append(frames)
         chunks = self._cut(final=True)
-        self._pending, self._cache_frames, self.steps = None, 0, 0
+        self._pending, self._cache_frames, self.steps, self._consumed = None, 0, 0, 0
         return chunks
 
     def _append(self, frames: torch.Tensor) -> None:
@@ -148,8 +150,11 @@ class ChunkCursor:
             take = min(size, available)
             width = self._cache_frames + take
             last = final and available <= shift
-            chunks.append(Chunk(self._pending[:, :width], width, self.steps == 0, last))
+            chunks.append(
+                Chunk(self._pending[:, :width], width, self.steps == 0, last, self._consumed)
+            )
             self.steps += 1
+            self._consumed += min(shift, available)
             # The next chunk starts `shift` frames on, after the last pre_cache[1] frames.
             consumed = self._cache_frames + min(shift, available)
             keep = min(self.pre_cache[1], consumed)

@@ -39,13 +39,14 @@ from services.asr.backend import (
     AudioEvent,
     FinalizeEvent,
     Hypothesis,
+    RecognizedWord,
     RecognizerEvent,
     StreamOptions,
 )
 from services.asr.backends.decode_pool import DecodePool, Priority
 from services.asr.backends.utterance import SETTLE_S, UtteranceAudio
 from services.asr.backends.whisper_models import WhisperWeights, resolve_weights
-from services.asr.backends.whisper_window import WindowedDecoder
+from services.asr.backends.whisper_window import WindowedDecoder, spaced_words
 from services.asr.settings import AsrSettings
 from services.runtime.audio import FloatAudio
 from services.runtime.streams import StreamQueue
@@ -86,12 +87,14 @@ LOG_PROB_THRESHOLD = -1.0
 class _Decoded:
     text: str
     samples: int  # how much of the utterance the text covers
+    words: tuple[RecognizedWord, ...] = ()  # when the stream asked for word times
 
 
 class WhisperAsrBackend(AsrBackend):
     """Whisper (tiny.en by default) on CTranslate2, re-decoding each utterance as it grows."""
 
     name = "whisper"
+    word_timestamps = True
 
     def __init__(
         self,
@@ -172,15 +175,22 @@ class WhisperAsrBackend(AsrBackend):
         return _WhisperStream(self, options).run(events)
 
     async def decode(
-        self, priority: Priority, snapshot: Callable[[], FloatAudio], language: str
+        self,
+        priority: Priority,
+        snapshot: Callable[[], FloatAudio],
+        language: str,
+        words: bool = False,
     ) -> _Decoded:
-        """Decode the audio that `snapshot()` returns once the shared decode thread is free."""
+        """Decode the audio that `snapshot()` returns once the shared decode thread is free.
+
+        With `words`, the result carries its words' times (an alignment pass after the decode).
+        """
         if self._pool is None:
             raise RuntimeError("the whisper backend is not loaded")
 
         def job() -> Callable[[], _Decoded]:
             audio = snapshot()
-            return lambda: self._decode(audio, language)
+            return lambda: self._decode(audio, language, words)
 
         return await self._pool.run(priority, job)
 
@@ -198,11 +208,12 @@ class WhisperAsrBackend(AsrBackend):
             local_files_only=True,
         )
 
-    def _decode(self, audio: FloatAudio, language: str) -> _Decoded:
+    def _decode(self, audio: FloatAudio, language: str, words: bool = False) -> _Decoded:
         """Blocking: the text of `audio`, greedy and without Whisper's slow fallbacks."""
         assert self._model is not None
         if self._windowed is not None and self._windowed.fits(audio):
-            return _Decoded(self._windowed.decode(audio, language), audio.size)
+            text, timed = self._windowed.decode_words(audio, language, with_words=words)
+            return _Decoded(text, audio.size, tuple(timed))
         segments, _ = self._model.transcribe(
             audio,
             language=language,
@@ -213,9 +224,20 @@ class WhisperAsrBackend(AsrBackend):
             no_speech_threshold=NO_SPEECH_THRESHOLD,
             log_prob_threshold=LOG_PROB_THRESHOLD,
             vad_filter=False,  # the energy gate and the no-speech rule handle silence
+            word_timestamps=words,
+            # No punctuation merging: `spaced_words` joins pieces into the words of the text.
+            prepend_punctuations="",
+            append_punctuations="",
         )
+        segments = list(segments)
         text = " ".join(segment.text.strip() for segment in segments).strip()
-        return _Decoded(text, audio.size)
+        # Each segment's first word starts a word, whatever its spacing.
+        timed = spaced_words(
+            (f" {w.word.lstrip()}" if i == 0 else w.word, w.start, w.end, w.probability)
+            for segment in segments
+            for i, w in enumerate(segment.words or ())
+        )
+        return _Decoded(text, audio.size, tuple(timed))
 
 
 class _WhisperStream:
@@ -227,6 +249,7 @@ class _WhisperStream:
         # The servicer cuts utterances at max_utterance_s; a second more holds the resampler tail.
         self.audio = UtteranceAudio(backend.max_utterance_s + 1.0, SAMPLE_RATE)
         self.text = ""  # text of the latest interim decode of this utterance
+        self.words: tuple[RecognizedWord, ...] = ()  # and its words, when asked for
         self.covered = 0  # samples of the utterance that text covers
         self.interim: asyncio.Task[_Decoded] | None = None
         # The final decode started at the speaker's pause, and the audio it took (None: in line).
@@ -280,7 +303,12 @@ class _WhisperStream:
         if len(self.audio) - self.covered < INTERIM_STEP_S * SAMPLE_RATE:
             return
         self.interim = asyncio.create_task(
-            self.backend.decode(Priority.INTERIM, self.audio.snapshot, self.options.language),
+            self.backend.decode(
+                Priority.INTERIM,
+                self.audio.snapshot,
+                self.options.language,
+                self.options.word_timestamps,
+            ),
             name=f"{self.options.session_id}-interim",
         )
 
@@ -290,7 +318,10 @@ class _WhisperStream:
         self.interim = None
         self._learn(decoded)
         return Hypothesis(
-            self.text, 1000.0 * self.covered / SAMPLE_RATE, stability=INTERIM_STABILITY
+            self.text,
+            1000.0 * self.covered / SAMPLE_RATE,
+            stability=INTERIM_STABILITY,
+            words=self.words,
         )
 
     def _start_ending(self) -> None:
@@ -305,7 +336,12 @@ class _WhisperStream:
     def _decode_ending(self) -> None:
         self.ending_key = None
         self.ending = asyncio.create_task(
-            self.backend.decode(Priority.FINAL, self._ending_snapshot, self.options.language),
+            self.backend.decode(
+                Priority.FINAL,
+                self._ending_snapshot,
+                self.options.language,
+                self.options.word_timestamps,
+            ),
             name=f"{self.options.session_id}-final",
         )
 
@@ -322,25 +358,30 @@ class _WhisperStream:
         # An interim decode is never the answer: it heard the speech cut short (module doc).
         await _discard(self.interim)
         self.interim = None
-        if not self.audio.voiced:
-            text = ""
-        else:
+        decoded = _Decoded("", 0)
+        if self.audio.voiced:
             if self.ending is None or not self._ending_fits():
                 await _discard(self.ending)
                 self._decode_ending()  # the finalize came before a pause, or after more speech
             assert self.ending is not None
-            text = (await self.ending).text
+            decoded = await self.ending
         stability = INTERIM_STABILITY if finalize.soft else 1.0
-        answer = Hypothesis(text, self.audio.duration_ms, answers=finalize, stability=stability)
+        answer = Hypothesis(
+            decoded.text,
+            self.audio.duration_ms,
+            answers=finalize,
+            stability=stability,
+            words=decoded.words,
+        )
         if not finalize.soft:
             self.ending, self.ending_key = None, None
             self.audio.clear()
-            self.text, self.covered = "", 0
+            self.text, self.covered, self.words = "", 0, ()
         return answer
 
     def _learn(self, decoded: _Decoded) -> None:
         if decoded.samples >= self.covered:
-            self.text, self.covered = decoded.text, decoded.samples
+            self.text, self.covered, self.words = decoded.text, decoded.samples, decoded.words
 
 
 def _drop(task: asyncio.Task[_Decoded]) -> None:

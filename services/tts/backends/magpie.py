@@ -13,6 +13,11 @@ of the next, so the first audio comes after `stream_chunk_frames` frames with no
 seams. BATCH mode decodes the whole segment at once. A cancel sets a flag that the loop checks
 between frames. Generation is serialised on one GPU thread (NeMo keeps the local transformer's
 cache on the model), and the codec's true output rate is read from the model, not assumed.
+
+Word times are estimated (`WORD_TIMING_SOURCE_ESTIMATED`): NeMo's generation loop does not expose
+its text-to-audio alignment. BATCH mode shares the segment's audio out among its words by their
+length; STREAM mode, which must place a word before the audio's length is known, predicts starts
+from a speaking pace (`PacedWords`), and the last chunk of the job takes the words left.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 
-from services.runtime.audio import FloatAudio
+from services.runtime.audio import FloatAudio, duration_ms
 from services.runtime.errors import ResourceExhausted
-from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
+from services.tts.backend import SynthesisJob, SynthesisMode, TimedAudio, TtsBackend, Voice
 from services.tts.settings import TtsSettings
+from services.tts.words import PacedWords, TimingSource, estimate_word_times
 
 try:
     import torch
@@ -130,6 +137,13 @@ class FrameDecoder:
         self.tail = new[new.size - keep :] if keep else np.zeros(0, dtype=np.float32)
         self.decoded_to = end
         return new[: new.size - keep].astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class _Last:
+    """The last audio of a streamed synthesis (the decoder's flush)."""
+
+    samples: FloatAudio
 
 
 class _Synthesis:
@@ -235,16 +249,21 @@ class MagpieTtsBackend(TtsBackend):
         self._gpu.shutdown(wait=False, cancel_futures=True)
         self._model = None
 
-    async def synthesize(self, job: SynthesisJob) -> AsyncGenerator[FloatAudio, None]:
-        """STREAM: audio every few frames. BATCH: the segment's audio in one piece."""
+    async def synthesize(self, job: SynthesisJob) -> AsyncGenerator[TimedAudio, None]:
+        """STREAM: audio every few frames. BATCH: the segment's audio in one piece.
+
+        Each piece carries the estimated times of the job's words that start in it.
+        """
         if self._model is None:
             raise RuntimeError("the magpie backend is not loaded")
         if not job.text.strip():
             return
         loop = asyncio.get_running_loop()
         room = AUDIO_QUEUE_CHUNKS
+        rate = self._rate
+        words = job.text.split()
         # One place more than the credits: the stalled-reader marker always fits.
-        audio: asyncio.Queue[FloatAudio | None] = asyncio.Queue(room + 1)
+        audio: asyncio.Queue[FloatAudio | _Last | None] = asyncio.Queue(room + 1)
         # One credit per entry on its way to the reader: the GPU thread takes one before each
         # put and the reader gives it back after each get, so the thread waits while the reader
         # is `room` entries behind (back-pressure) and a put never finds the queue full.
@@ -253,7 +272,7 @@ class MagpieTtsBackend(TtsBackend):
         language = job.language.split("-")[0].lower()
         synthesis = _Synthesis(lambda frame: None, 0)
 
-        def deliver(samples: FloatAudio | None) -> None:  # on the GPU thread
+        def deliver(samples: FloatAudio | _Last | None) -> None:  # on the GPU thread
             if synthesis.cancelled.is_set():
                 return  # the reader has gone; nothing waits for this
             if not credits.acquire(timeout=READER_STALL_S):
@@ -273,17 +292,22 @@ class MagpieTtsBackend(TtsBackend):
             if stream is None:
                 whole = await work
                 if whole.size:
-                    yield whole
+                    estimate = estimate_word_times(words, duration_ms(whole.size, rate))
+                    yield TimedAudio(whole, tuple(estimate), TimingSource.ESTIMATED)
                 return
-            while (samples := await audio.get()) is not None:
-                if samples is _STALLED:
+            paced = PacedWords(words)
+            while (item := await audio.get()) is not None:
+                if item is _STALLED:
                     raise ResourceExhausted(
                         f"the client read none of {room} audio chunks for {READER_STALL_S:g} s; "
                         "its synthesis was stopped so that other streams could go on"
                     )
                 credits.release()
-                if samples.size:
-                    yield samples
+                last = isinstance(item, _Last)
+                samples = item.samples if isinstance(item, _Last) else item
+                times = paced.take(duration_ms(samples.size, rate), last=last)
+                if samples.size or times:
+                    yield TimedAudio(samples, times, TimingSource.ESTIMATED)
             await work
         finally:
             synthesis.cancelled.set()  # between frames, the loop ends
@@ -295,7 +319,7 @@ class MagpieTtsBackend(TtsBackend):
         text: str,
         language: str,
         speaker: int,
-        stream: Callable[[FloatAudio | None], None] | None,
+        stream: Callable[[FloatAudio | _Last | None], None] | None,
         synthesis: _Synthesis | None = None,
     ) -> FloatAudio:
         """Run on the GPU thread: text -> audio, streamed through `stream` when given."""
@@ -316,7 +340,7 @@ class MagpieTtsBackend(TtsBackend):
         try:
             self._frames(text, language, speaker, running)
             if stream is not None and not running.cancelled.is_set():
-                stream(decoder.flush())
+                stream(_Last(decoder.flush()))
         finally:
             _running.synthesis = None
             if stream is not None:

@@ -6,6 +6,12 @@ it). Piper is not a streaming model: one ONNX run turns a whole phoneme sequence
 STREAM mode synthesises a job phrase by phrase (`stream_phrases`: a short first phrase for an early
 first chunk, the rest cut at clause punctuation), and BATCH mode the whole job in one run.
 
+Word times come from the model: VITS predicts how many audio frames each phoneme lasts, and piper
+exposes those durations when the ONNX graph is patched at load to output them (piper's own
+`include_alignments`, which needs the `onnx` package). Each phrase's audio is yielded with the times
+at which its words start (`piper_timing`). Without the `onnx` package the times are estimated from
+each sentence's length and its words' phoneme counts, and say so.
+
 All streams share one ONNX session, which is safe: `InferenceSession.run` may be called from
 several threads at once and VITS keeps no state between runs; the espeak-ng phonemizer is
 serialised by piper's own lock. Runs go to a bounded thread pool, never the event loop. A cancel
@@ -16,6 +22,7 @@ progress finishes in its thread (ONNX Runtime cannot stop one), and its audio is
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -27,7 +34,8 @@ from typing import Self
 import numpy as np
 
 from services.runtime.audio import FloatAudio
-from services.tts.backend import SynthesisJob, SynthesisMode, TtsBackend, Voice
+from services.tts.backend import SynthesisJob, SynthesisMode, TimedAudio, TtsBackend, Voice
+from services.tts.backends.piper_timing import SentencePhonemes, phrase_word_times
 from services.tts.settings import TtsSettings
 from services.tts.splitting import stream_phrases
 
@@ -87,6 +95,7 @@ class PiperTtsBackend(TtsBackend):
         self._executor: ThreadPoolExecutor | None = None
         self._synthesis = SynthesisConfig(normalize_audio=False)
         self._gain = 1.0
+        self._aligned = False  # whether the model reports its phoneme durations
 
     @classmethod
     def from_settings(cls, settings: TtsSettings) -> Self:
@@ -113,18 +122,27 @@ class PiperTtsBackend(TtsBackend):
         """Load the ONNX session, warm it up, and measure the voice's level."""
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="piper")
         loop = asyncio.get_running_loop()
+        # Patching the graph in memory needs the onnx package; without it, times are estimated.
+        self._aligned = importlib.util.find_spec("onnx") is not None
         self._piper = await loop.run_in_executor(
-            self._executor, lambda: PiperVoice.load(self.model_path, use_cuda=self.use_cuda)
+            self._executor,
+            lambda: PiperVoice.load(
+                self.model_path, use_cuda=self.use_cuda, include_alignments=self._aligned
+            ),
         )
-        sample = await loop.run_in_executor(self._executor, self._render, _WARM_UP_TEXT)
+        sample, sentences = await loop.run_in_executor(self._executor, self._render, _WARM_UP_TEXT)
+        self._aligned = self._aligned and all(s.durations is not None for s in sentences)
         peak = float(np.max(np.abs(sample))) if sample.size else 0.0
         self._gain = _TARGET_PEAK / peak if peak > 1e-3 else 1.0
         log.info(
-            "piper voice %s loaded (%d Hz, %d threads, gain %.2f)",
+            "piper voice %s loaded (%d Hz, %d threads, gain %.2f, word times %s)",
             self.model_name,
             self._voice.sample_rate_hz,
             self.threads,
             self._gain,
+            "from the model's phoneme durations"
+            if self._aligned
+            else "estimated (install onnx for the model's own)",
         )
 
     async def aclose(self) -> None:
@@ -134,8 +152,11 @@ class PiperTtsBackend(TtsBackend):
             self._executor = None
         self._piper = None
 
-    async def synthesize(self, job: SynthesisJob) -> AsyncGenerator[FloatAudio, None]:
-        """STREAM: one chunk per phrase, as each is ready. BATCH: the job's audio in one chunk."""
+    async def synthesize(self, job: SynthesisJob) -> AsyncGenerator[TimedAudio, None]:
+        """STREAM: one chunk per phrase, as each is ready. BATCH: the job's audio in one chunk.
+
+        Each chunk carries the times of its phrase's words (indexes into the job's words).
+        """
         if self._executor is None or self._piper is None:
             raise RuntimeError("the piper backend is not loaded")
         executor = self._executor
@@ -144,23 +165,40 @@ class PiperTtsBackend(TtsBackend):
             phrases = [job.text] if job.text.strip() else []
         else:
             phrases = stream_phrases(job.text, self.stream_first_words)
+        first_word = 0
         for phrase in phrases:
             # Cancelling this await (the servicer closed us) returns at once; the run in its
             # thread completes and its audio is dropped.
-            audio = await loop.run_in_executor(executor, self._render, phrase)
+            audio, sentences = await loop.run_in_executor(executor, self._render, phrase)
+            words = phrase.split()
             if audio.size:
-                yield audio
+                times, source = phrase_word_times(
+                    words, sentences, self._voice.sample_rate_hz, first=first_word
+                )
+                yield TimedAudio(audio, tuple(times), source)
+            first_word += len(words)
 
-    def _render(self, text: str) -> FloatAudio:
-        """Text -> float32 audio at the voice's rate (runs in a pool thread)."""
+    def _render(self, text: str) -> tuple[FloatAudio, list[SentencePhonemes]]:
+        """Text -> float32 audio at the voice's rate and its sentences' phonemes (pool thread)."""
         assert self._piper is not None
-        chunks = [
-            chunk.audio_float_array for chunk in self._piper.synthesize(text, self._synthesis)
-        ]
+        chunks = list(
+            self._piper.synthesize(text, self._synthesis, include_alignments=self._aligned)
+        )
         if not chunks:
-            return np.zeros(0, dtype=np.float32)
-        audio = np.concatenate(chunks) * np.float32(self._gain)
-        return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)
+            return np.zeros(0, dtype=np.float32), []
+        sentences = [
+            SentencePhonemes(
+                phonemes=list(chunk.phonemes),
+                samples=chunk.audio_float_array.size,
+                durations=[(a.phoneme, int(a.num_samples)) for a in chunk.phoneme_alignments]
+                if chunk.phoneme_alignments
+                else None,
+            )
+            for chunk in chunks
+        ]
+        audio = np.concatenate([chunk.audio_float_array for chunk in chunks])
+        audio = audio * np.float32(self._gain)
+        return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False), sentences
 
 
 def _voice_name(config: dict[str, object], model_path: Path) -> str:
