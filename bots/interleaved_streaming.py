@@ -11,8 +11,9 @@ from pipecat.runner.types import RunnerArguments
 
 from bots.pipeline import BotConfig
 from bots.runner import run_bot
+from bots.turn_settings import TurnSettings
 
-CONFIG = BotConfig(name="interleaved_streaming", vad_stop_s=0.2, smart_turn=True)
+CONFIG = BotConfig(name="interleaved_streaming", turn=TurnSettings(vad_stop_s=0.2, smart_turn=True))
 
 
 async def bot(runner_args: RunnerArguments) -> None:

@@ -1,9 +1,11 @@
 """The voice pipeline every bot runs, built from a `BotConfig` around any Pipecat transport.
 
-transport in -> Silero VAD -> turn detection -> GrpcSTTService -> user context
-  -> GrpcChunkedLLMService -> GrpcTTSService -> transport out -> assistant context
+transport in [-> echo canceller] -> Silero VAD -> turn detection -> GrpcSTTService
+  [-> barge-in gate] -> user context -> GrpcChunkedLLMService -> GrpcTTSService [-> playout gate]
+  -> transport out [-> played audio, the echo reference] -> heard words -> assistant context
 
 Unless `BotConfig.tools` is off, the LLM service also runs the bot's local tools (`bots.tools`).
+`BotConfig.turn` (`bots.turn_settings`) holds the endpointing, barge-in and echo settings.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_turn_processor import UserTurnProcessor
 
+from bots.barge_in import BargeInGate
+from bots.echo import EchoCanceller, EchoReference, PlayedAudio
+from bots.heard import HeardWords
 from bots.llm import GrpcChunkedLLMService
+from bots.playout import PlayoutGate
 from bots.rtvi import client_rtvi, observer_params
 from bots.stt import GrpcSTTService
 from bots.tools import BotTools
 from bots.tracing import tracing_on
 from bots.tts import GrpcTTSService
+from bots.turn_settings import TurnSettings
 from bots.turns import aggregator_turns, turn_detection
 from clients.security import ClientSecurity
 from clients.targets import Targets
@@ -50,8 +57,7 @@ class BotConfig:
     """What distinguishes one bot from another."""
 
     name: str
-    vad_stop_s: float
-    smart_turn: bool
+    turn: TurnSettings = field(default_factory=TurnSettings)
     adaptive_tts: bool = True
     system_prompt: str = SYSTEM_PROMPT
     greeting: bool = False
@@ -74,6 +80,11 @@ class Services:
     tts: GrpcTTSService
     context: LLMContext
     tools: BotTools | None = None
+    heard: HeardWords | None = None
+    turns: UserTurnProcessor | None = None
+    gate: BargeInGate | None = None
+    echo: EchoCanceller | None = None
+    playout: PlayoutGate | None = None
 
 
 def build_services(config: BotConfig) -> Services:
@@ -107,22 +118,48 @@ def build_pipeline(
 ) -> tuple[Pipeline, Services]:
     """The voice pipeline between a transport's `input` and `output` processors."""
     services = build_services(config)
+    turn = config.turn
     context = LLMContextAggregatorPair(
         services.context,
         user_params=LLMUserAggregatorParams(user_turn_strategies=aggregator_turns()),
     )
+    vad = VADParams(
+        confidence=turn.vad_confidence,
+        start_secs=turn.vad_start_s,
+        stop_secs=turn.vad_stop_s,
+        min_volume=turn.vad_min_volume,
+    )
+    services.turns = UserTurnProcessor(
+        user_turn_strategies=turn_detection(turn), user_idle_timeout=turn.user_idle_s
+    )
+    tts = services.tts
+    services.heard = HeardWords(lambda: tts.generated_words)
+    if turn.barge_in_gated:
+        if turn.resume_after_false_interruption:
+            services.playout = PlayoutGate()
+        services.gate = BargeInGate(
+            turn, recent_bot_words=services.heard.recent_words, playout=services.playout
+        )
+    played: list[FrameProcessor] = []
+    if turn.echo_cancellation == "webrtc":
+        reference = EchoReference()
+        services.echo = EchoCanceller(reference)
+        played.append(PlayedAudio(reference))
     pipeline = Pipeline(
         [
             input,
-            VADProcessor(
-                vad_analyzer=SileroVADAnalyzer(params=VADParams(stop_secs=config.vad_stop_s))
-            ),
-            UserTurnProcessor(user_turn_strategies=turn_detection(config.smart_turn)),
+            *([services.echo] if services.echo is not None else []),
+            VADProcessor(vad_analyzer=SileroVADAnalyzer(params=vad)),
+            services.turns,
             services.stt,
+            *([services.gate] if services.gate is not None else []),
             context.user(),
             services.llm,
             services.tts,
+            *([services.playout] if services.playout is not None else []),
             output,
+            *played,
+            services.heard,
             context.assistant(),
         ]
     )
@@ -174,6 +211,9 @@ def build_worker(config: BotConfig, transport: BaseTransport) -> tuple[PipelineW
         async def _stop_timers(_worker: PipelineWorker, _frame: object) -> None:
             await tools.close()  # no timer speaks into a pipeline that has ended
 
+    if config.turn.user_idle_s > 0 and services.turns is not None:
+        _prompt_when_idle(worker, services.turns, services.context)
+
     if config.greeting:
 
         @transport.event_handler("on_client_connected")
@@ -182,3 +222,36 @@ def build_worker(config: BotConfig, transport: BaseTransport) -> tuple[PipelineW
             await worker.queue_frames([LLMRunFrame()])
 
     return worker, services
+
+
+#: What the bot is asked to do when the user stays silent for `TurnSettings.user_idle_s`.
+IDLE_PROMPT = (
+    "(The user has said nothing for a while. Ask briefly and kindly whether they are still "
+    "there; do not repeat your last answer.)"
+)
+
+
+def _prompt_when_idle(
+    worker: PipelineWorker, turns: UserTurnProcessor, context: LLMContext
+) -> None:
+    """Once the user is idle after the bot spoke, prompt them once, until they speak again.
+
+    The prompt enters the context as a user message, as the greeting's does: the chat templates
+    of the mesh's models take system messages only at the start.
+    """
+    prompted = False
+
+    @turns.event_handler("on_user_turn_started")
+    async def _spoke(_turns: UserTurnProcessor, _strategy: object) -> None:
+        nonlocal prompted
+        prompted = False
+
+    @turns.event_handler("on_user_turn_idle")
+    async def _idle(_turns: UserTurnProcessor) -> None:
+        nonlocal prompted
+        if prompted:
+            return
+        prompted = True
+        logger.info("the user is idle; asking whether they are still there")
+        context.add_message({"role": "user", "content": IDLE_PROMPT})
+        await worker.queue_frames([LLMRunFrame()])

@@ -6,6 +6,8 @@ SmallWebRTC with our browser client at http://localhost:7860/client by default; 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import runpy
 import sys
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from bots.names import BOTS
 from bots.pipeline import BotConfig, build_worker
 from bots.shutdown import cancelled_on_stop
 from bots.tracing import configure_bot_tracing
+from bots.turn_settings import TurnSettingsError, flags_to_environment
 
 #: Our browser client: plain WebRTC, nothing fetched from the internet. The prebuilt client that
 #: Pipecat's runner mounts manages devices with daily-js, which downloads Daily's call-machine
@@ -40,8 +43,13 @@ def _transport_params() -> dict[str, object]:
 
 
 async def run_bot(config: BotConfig, runner_args: RunnerArguments) -> None:
-    """Run one session of `config` on the transport the runner connected."""
+    """Run one session of `config` on the transport the runner connected.
+
+    The NEMOTRON_BOT_* variables (and the turn flags, which `serve` turned into them) override
+    the bot's turn settings.
+    """
     configure_bot_tracing()
+    config = dataclasses.replace(config, turn=config.turn.with_environment())
     transport = await create_transport(runner_args, _transport_params())  # type: ignore[arg-type]
     worker, _services = build_worker(config, transport)
 
@@ -69,6 +77,10 @@ def serve() -> None:
     """Pipecat's runner for the bot module running as __main__ (flags from sys.argv)."""
     from pipecat.runner.run import main as runner_main
 
+    try:
+        sys.argv[1:] = flags_to_environment(sys.argv[1:], os.environ)
+    except TurnSettingsError as err:
+        raise SystemExit(f"{sys.argv[0]}: {err}") from None
     if not any(arg in ("-t", "--transport") or arg.startswith("--transport=") for arg in sys.argv):
         sys.argv += ["-t", "webrtc"]
     if "daily" not in sys.argv and "--transport=daily" not in sys.argv:

@@ -10,8 +10,9 @@ from pipecat.runner.types import RunnerArguments
 
 from bots.pipeline import BotConfig
 from bots.runner import run_bot
+from bots.turn_settings import TurnSettings
 
-CONFIG = BotConfig(name="simple_vad", vad_stop_s=0.8, smart_turn=False)
+CONFIG = BotConfig(name="simple_vad", turn=TurnSettings(vad_stop_s=0.8, smart_turn=False))
 
 
 async def bot(runner_args: RunnerArguments) -> None:

@@ -70,7 +70,8 @@ async def talk(
     """Run one turn; returns the process exit code. `security`: None reads the environment."""
     configure_bot_tracing()
     config: BotConfig = importlib.import_module(f"bots.{bot}").CONFIG
-    config = dataclasses.replace(config, security=security)
+    # The NEMOTRON_BOT_* variables tune the turn settings here as for a served bot.
+    config = dataclasses.replace(config, security=security, turn=config.turn.with_environment())
     transport = WavFileTransport(read_wav(question, 16000))
     worker, services = build_worker(config, transport)
     watch = TurnWatch()

@@ -43,6 +43,11 @@ def tracing_on() -> bool:
     return _telemetry is not None and _telemetry.enabled
 
 
+def content_on() -> bool:
+    """Whether transcripts and replies may go into spans and logs (NEMOTRON_TRACE_CONTENT)."""
+    return _telemetry is not None and _telemetry.record_content
+
+
 def flush_bot_tracing() -> None:
     """Export what is still batched (before a short-lived process such as `talk` exits)."""
     if _telemetry is not None and _telemetry.enabled:

@@ -6,6 +6,11 @@
   as a `SegmentCompleteFrame` so the LLM adapter releases the next chunk for exactly that one.
 - After a segment that ends a sentence, 250 ms of silence follows its audio (never before the
   first audio of a response).
+- What was heard: each word of a segment goes downstream as its own `TTSTextFrame`, placed in
+  the audio stream where the word's audio starts (the server's `WordTiming`s; without them, an
+  estimate from the word's characters). The output transport releases such a frame when the
+  audio before it has been played, so the assistant aggregator after the transport holds exactly
+  the words whose start was played when an interruption clears the rest (`bots.heard`).
 - Interruption: `cancel` on the call; from then on, audio whose stream id is not the current
   stream's is dropped. The server acknowledges with `cancelled` and opens a new stream with the
   next text, so stale audio is recognised by id, never guessed from message order.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -35,6 +41,8 @@ from grpc_status import rpc_status
 from loguru import logger
 from opentelemetry.trace import Span
 from pipecat.frames.frames import (
+    AggregatedTextFrame,
+    AggregatedTextProgressFrame,
     Frame,
     InterruptionFrame,
     LLMFullResponseEndFrame,
@@ -69,6 +77,12 @@ Response = tts_pb2.SynthesizeResponse
 
 SENTENCE_PAUSE_S = 0.25
 
+#: Speaking rate assumed for a server that sends no word timings, until the session has measured
+#: its own from completed segments (characters of text per second of audio).
+ESTIMATED_CHARS_PER_S = 14.0
+
+_WORD = re.compile(r"\S+")
+
 
 @dataclass
 class _Segment:
@@ -81,6 +95,10 @@ class _Segment:
     accepted: bool = False  # the current call's server took it (its audio or completion came)
     span: Span | None = None
     sent_at: float = field(default_factory=time.perf_counter)
+    audio_ms: float = 0.0  # of this segment's audio pushed so far
+    spoken_to: int = 0  # characters of the text pushed as word frames so far
+    timed: bool = False  # the server sent word timings for this segment
+    announced: AggregatedTextFrame | None = None
 
 
 class GrpcTTSService(GrpcCallService[Request, Response]):
@@ -130,6 +148,11 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
         self._text_ids = itertools.count()
         self._spans = ClientSpans(self)
         self._response = uuid.uuid4().hex[:8]
+        #: Words of the current response's text given to this service (spoken or not).
+        self.generated_words = 0
+        self._measured_chars = 0  # text and audio of completed segments: the speaking rate
+        self._measured_ms = 0.0
+        self._estimate_logged = False
 
     def can_generate_metrics(self) -> bool:
         """TTFB (text sent to first audio) goes to Pipecat's metrics."""
@@ -151,6 +174,7 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
         elif isinstance(frame, LLMFullResponseStartFrame):
             self._response = uuid.uuid4().hex[:8]
             self._segments_in_response = 0
+            self.generated_words = 0
             await self.push_frame(frame, direction)
         elif isinstance(frame, LLMFullResponseEndFrame):
             await self._finish_response()
@@ -173,6 +197,7 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
         stream_first = self._segments_in_response == 0 or not self.adaptive
         mode = tts_pb2.SYNTHESIS_MODE_STREAM if stream_first else tts_pb2.SYNTHESIS_MODE_BATCH
         self._segments_in_response += 1
+        self.generated_words += len(text.split())
         segment = _Segment(segment_id, text, mode, ends_sentence)
         segment.span = self._spans.start(SPAN_BOT_TTS, **{ATTR_SEGMENT_ID: segment_id})
         self._pending[segment_id] = segment
@@ -346,12 +371,104 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
             if not self._speaking:
                 self._speaking = True
                 await self.push_frame(TTSStartedFrame())
-            spoken = TTSTextFrame(segment.text, text_type=TextType.SENTENCE)
-            spoken.will_be_spoken = True  # as Pipecat's TTS services mark it: RTVI's bot-output
-            await self.push_frame(spoken)
+            # The segment as a whole, for RTVI's bot-output ("new"); its words follow as they
+            # are played. The context is built from the words, not from this.
+            announced = AggregatedTextFrame(segment.text, TextType.SENTENCE)
+            announced.will_be_spoken = True  # as Pipecat's TTS services mark it
+            announced.append_to_context = False
+            segment.announced = announced
+            await self.push_frame(announced)
+        if chunk.words:
+            segment.timed = True
+        starts = self._word_starts(segment, chunk)
+        audio = chunk.audio
+        bytes_per_ms = 2 * self.sample_rate / 1000
+        chunk_ms = len(audio) / bytes_per_ms
+        cut = 0
+        for offset, end, start_ms in starts:
+            at = min(
+                len(audio), max(cut, 2 * round((start_ms - segment.audio_ms) * bytes_per_ms / 2))
+            )
+            if at > cut:
+                await self._push_audio(audio[cut:at], segment)
+                cut = at
+            await self._push_words(segment, offset, end)
+        if cut < len(audio):
+            await self._push_audio(audio[cut:], segment)
+        segment.audio_ms += chunk_ms
+
+    def _word_starts(
+        self, segment: _Segment, chunk: tts_pb2.AudioChunk
+    ) -> list[tuple[int, int, float]]:
+        """(text offset, end, start ms) of the words whose audio starts in `chunk`, in order.
+
+        The server's timings when it sends them; otherwise each word's start is estimated from
+        the characters before it and the session's speaking rate.
+        """
+        if segment.timed:
+            return [
+                (w.text_offset, w.text_offset + len(w.word), w.start_ms)
+                for w in chunk.words
+                if w.text_offset >= segment.spoken_to
+            ]
+        if not self._estimate_logged:
+            self._estimate_logged = True
+            logger.info(
+                f"{self}: the TTS server sends no word timings; placing words by an estimate "
+                f"from their characters ({self._chars_per_s():.1f} chars/s)"
+            )
+        chunk_end_ms = segment.audio_ms + len(chunk.audio) / (2 * self.sample_rate / 1000)
+        ms_per_char = 1000 / self._chars_per_s()
+        starts = []
+        for word in _WORD.finditer(segment.text, segment.spoken_to):
+            start_ms = word.start() * ms_per_char
+            if start_ms >= chunk_end_ms:
+                break
+            starts.append((word.start(), word.end(), start_ms))
+        return starts
+
+    def _chars_per_s(self) -> float:
+        if self._measured_ms < 2000:  # too little audio measured yet to trust
+            return ESTIMATED_CHARS_PER_S
+        return 1000 * self._measured_chars / self._measured_ms
+
+    async def _push_audio(self, audio: bytes, segment: _Segment) -> None:
         await self.push_frame(
-            TTSAudioRawFrame(chunk.audio, self.sample_rate, 1, context_id=chunk.segment_id)
+            TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=segment.segment_id)
         )
+
+    async def _push_words(self, segment: _Segment, offset: int, end: int) -> None:
+        """Push the text up to `end` (from where the last word ended) as one spoken word.
+
+        The piece carries the spaces before the word, so that the aggregator's concatenation of
+        all pieces is the segment's text exactly.
+        """
+        end = min(len(segment.text), max(end, offset + 1))
+        if not segment.text[end:].strip():
+            end = len(segment.text)  # what follows the last word goes with it
+        piece = segment.text[segment.spoken_to : end]
+        if not piece.strip():
+            return
+        segment.spoken_to = end
+        word = TTSTextFrame(piece, text_type=TextType.WORD)
+        word.includes_inter_frame_spaces = True
+        word.will_be_spoken = True
+        word.context_id = segment.segment_id
+        announced = segment.announced
+        if announced is not None:
+            word.segment_id = announced.id
+        await self.push_frame(word)
+        if announced is not None:
+            await self.push_frame(
+                AggregatedTextProgressFrame(
+                    segment_id=announced.id,
+                    context_id=segment.segment_id,
+                    text=segment.text,
+                    text_type=TextType.SENTENCE,
+                    accumulated_text=segment.text[: segment.spoken_to].strip(),
+                    remaining_text=segment.text[segment.spoken_to :].strip(),
+                )
+            )
 
     async def _on_segment_complete(self, complete: tts_pb2.SegmentComplete) -> None:
         if complete.stream_id != self.stream_id:
@@ -360,6 +477,13 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
         if segment is None:
             return
         ClientSpans.end(segment.span, **{ATTR_AUDIO_MS: complete.audio_ms})
+        if segment.started:
+            # Words the timings left out (none, by the contract) count as spoken at the end.
+            if segment.spoken_to < len(segment.text):
+                await self._push_words(segment, segment.spoken_to, len(segment.text))
+            if not segment.timed and complete.audio_ms > 0:
+                self._measured_chars += len(segment.text.strip())
+                self._measured_ms += complete.audio_ms
         if segment.ends_sentence and segment.started and self.sentence_pause_s > 0:
             silence = bytes(2 * int(self.sample_rate * self.sentence_pause_s))
             await self.push_frame(

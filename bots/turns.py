@@ -10,6 +10,7 @@ the stop and the final transcript have reached it, in either order: Pipecat hand
 
 from __future__ import annotations
 
+from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.frames.frames import (
     Frame,
@@ -25,6 +26,8 @@ from pipecat.turns.user_stop import (
     TurnAnalyzerUserTurnStopStrategy,
 )
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from bots.turn_settings import TurnSettings
 
 
 class FinalTranscriptTurnStop(BaseUserTurnStopStrategy):
@@ -61,20 +64,26 @@ class FinalTranscriptTurnStop(BaseUserTurnStopStrategy):
         return ProcessFrameResult.CONTINUE
 
 
-def turn_detection(smart_turn: bool) -> UserTurnStrategies:
+def turn_detection(turn: TurnSettings) -> UserTurnStrategies:
     """Strategies for the `UserTurnProcessor` in front of the STT adapter.
 
-    SmartTurn v3 judges whether the user is done at each VAD pause; without it, the VAD's own
-    stop (its `stop_secs`) ends the turn. Neither waits for transcripts: the STT adapter does.
+    SmartTurn v3 judges whether the user is done at each VAD pause (and `smart_turn_stop_s` of
+    silence ends the turn whatever it says); without it, the VAD's own stop (`vad_stop_s`) ends
+    the turn. Neither waits for transcripts: the STT adapter does. The VAD start interrupts the
+    bot at once unless barge-in is gated; then `bots.barge_in.BargeInGate` decides.
     """
     stop: BaseUserTurnStopStrategy = (
         TurnAnalyzerUserTurnStopStrategy(
-            turn_analyzer=LocalSmartTurnAnalyzerV3(), wait_for_transcript=False
+            turn_analyzer=LocalSmartTurnAnalyzerV3(
+                params=SmartTurnParams(stop_secs=turn.smart_turn_stop_s)
+            ),
+            wait_for_transcript=False,
         )
-        if smart_turn
+        if turn.smart_turn
         else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=0.0, wait_for_transcript=False)
     )
-    return UserTurnStrategies(start=[VADUserTurnStartStrategy()], stop=[stop])
+    start = VADUserTurnStartStrategy(enable_interruptions=not turn.barge_in_gated)
+    return UserTurnStrategies(start=[start], stop=[stop])
 
 
 def aggregator_turns() -> UserTurnStrategies:

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a voice bot (browser client at http://localhost:7860/client)",
         description="Serve a voice bot over the running ASR, TTS and LLM servers "
         "(NVIDIA_ASR_URL, NVIDIA_TTS_URL, NVIDIA_LLM_URL). Flags after the name go to "
-        "Pipecat's runner: -t daily, --host, --port ...",
+        "Pipecat's runner (-t daily, --host, --port ...), except the turn-taking flags "
+        "(--vad-stop-s, --barge-in-min-words, --echo-cancellation ...; each also "
+        "NEMOTRON_BOT_<NAME>), which the bot takes: see `python -m bots.turn_settings`.",
     )
     bot.add_argument("name", nargs="?", default="interleaved_streaming", choices=BOTS)
     bot.add_argument("runner_args", nargs=argparse.REMAINDER, help="flags for Pipecat's runner")

@@ -25,6 +25,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame
 from bots.pipeline import BotConfig, build_worker, turns_of
+from bots.turn_settings import TurnSettings
 from bots.wav_transport import WavFileTransport
 from clients.targets import Targets
 from tests.mesh import real_mesh
@@ -128,8 +129,9 @@ class Conversation:
 async def test_a_spoken_question_gets_a_spoken_answer(mesh, bot):
     config = BotConfig(
         name=bot,
-        vad_stop_s=0.2 if bot != "simple_vad" else 0.8,
-        smart_turn=bot != "simple_vad",
+        turn=TurnSettings(
+            vad_stop_s=0.2 if bot != "simple_vad" else 0.8, smart_turn=bot != "simple_vad"
+        ),
         max_tokens=48,
     )
     async with Conversation(mesh, config, speech_pcm(QUESTION)) as talk:
@@ -167,7 +169,9 @@ async def test_a_spoken_question_gets_a_spoken_answer(mesh, bot):
 @pytest.mark.timeout(150)
 async def test_user_speech_interrupts_the_bot_and_the_next_turn_works(mesh):
     config = BotConfig(
-        name="interleaved_streaming", vad_stop_s=0.2, smart_turn=True, max_tokens=200
+        name="interleaved_streaming",
+        turn=TurnSettings(vad_stop_s=0.2, smart_turn=True),
+        max_tokens=200,
     )
     async with Conversation(mesh, config, speech_pcm(STORY)) as talk:
         await talk.until(lambda: talk.log.first(BotStartedSpeakingFrame) is not None, 90)

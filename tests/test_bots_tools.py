@@ -27,6 +27,7 @@ from pipecat.workers.runner import WorkerRunner
 from bots.llm import GrpcChunkedLLMService, chat_messages, tool_choice, tool_specs
 from bots.pipeline import BotConfig, build_services, build_worker
 from bots.tools import BotTools, spoken_duration, time_of
+from bots.turn_settings import TurnSettings
 from bots.wav_transport import WavFileTransport
 from clients.targets import Targets
 from nemotron.speech.v1 import llm_pb2
@@ -204,7 +205,9 @@ async def test_set_timer_refuses_what_the_schema_would_have():
 
 
 def test_the_bot_offers_its_tools_unless_told_not_to():
-    services = build_services(BotConfig(name="t", vad_stop_s=0.2, smart_turn=False))
+    services = build_services(
+        BotConfig(name="t", turn=TurnSettings(vad_stop_s=0.2, smart_turn=False))
+    )
     assert services.tools is not None
     assert [t.name for t in services.context.tools.standard_tools] == [
         "get_current_time",
@@ -212,7 +215,9 @@ def test_the_bot_offers_its_tools_unless_told_not_to():
         "cancel_timer",
     ]
     assert all(services.llm.has_function(name) for name in ("get_current_time", "set_timer"))
-    plain = build_services(BotConfig(name="t", vad_stop_s=0.2, smart_turn=False, tools=False))
+    plain = build_services(
+        BotConfig(name="t", turn=TurnSettings(vad_stop_s=0.2, smart_turn=False), tools=False)
+    )
     assert plain.tools is None and not plain.llm.has_function("set_timer")
 
 
@@ -223,7 +228,11 @@ class Bot:
     """The bot `build_worker` builds, on a silent WAV transport, against double-backed servers."""
 
     def __init__(self, targets: Targets, tts: ToneTtsBackendDouble) -> None:
-        config = BotConfig(name="tools", vad_stop_s=0.2, smart_turn=False, targets=targets)
+        config = BotConfig(
+            name="tools",
+            turn=TurnSettings(vad_stop_s=0.2, smart_turn=False),
+            targets=targets,
+        )
         self.worker, self.services = build_worker(config, WavFileTransport())
         assert self.services.tools is not None
         self.tools = self.services.tools

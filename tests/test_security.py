@@ -29,6 +29,7 @@ from pipecat.workers.runner import WorkerRunner
 from pydantic import ValidationError
 
 from bots.pipeline import BotConfig, build_worker
+from bots.turn_settings import TurnSettings
 from bots.wav_transport import WavFileTransport
 from clients.channel import open_channel
 from clients.security import (
@@ -565,8 +566,7 @@ async def test_a_bot_pipeline_talks_over_mutual_tls_with_a_token(pki, token, tok
     async with secured_mesh(secured(pki, token_file)) as targets:
         config = BotConfig(
             name="secure",
-            vad_stop_s=0.3,
-            smart_turn=False,
+            turn=TurnSettings(vad_stop_s=0.3, smart_turn=False),
             targets=targets,
             security=client(pki, token),
         )
@@ -583,8 +583,7 @@ async def test_a_plaintext_bot_against_tls_servers_fails_at_once_saying_why(pki,
     async with secured_mesh(secured(pki, token_file, mutual=False)) as targets:
         config = BotConfig(
             name="plain",
-            vad_stop_s=0.3,
-            smart_turn=False,
+            turn=TurnSettings(vad_stop_s=0.3, smart_turn=False),
             targets=targets,
             security=ClientSecurity(),
         )

@@ -1,0 +1,329 @@
+"""Barge-in rules: which user speech stops the bot while it speaks.
+
+With `TurnSettings.barge_in_min_words` or `barge_in_min_s` set, the VAD's start no longer
+interrupts the bot by itself (`bots.turns`); `BargeInGate`, after the STT adapter, decides:
+
+- The bot is not speaking (listening, or thinking before its first audio): the user's turn
+  interrupts at once, as without the gate.
+- The bot is speaking: the user's turn is held (its start, transcripts and end go no further)
+  until its words confirm it. It is confirmed once the user has spoken `barge_in_min_s` seconds
+  (by the VAD) and said `barge_in_min_words` words that are neither backchannels ("mm-hm",
+  "yeah"...) nor the bot's own recent words heard back (its echo, with `echo_transcript_filter`).
+  Then the bot is interrupted and the held frames go on: the turn is answered as usual.
+- A held turn that ends unconfirmed is dropped: the bot goes on, and neither the context nor the
+  LLM sees it. If the bot finished its reply meanwhile, a turn with words of its own (not only
+  backchannels or echo) is let through as an ordinary turn.
+
+Latency: confirming by words needs the ASR's interim results, so with words required the bot
+stops a few hundred milliseconds later than on the VAD start alone (the interim cadence of the
+ASR server). `resume_after_false_interruption` (`bots.playout`) trades this the other way: the
+bot's audio pauses at once on the VAD start and resumes if the turn is not confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from difflib import SequenceMatcher
+
+from loguru import logger
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    Frame,
+    InterimTranscriptionFrame,
+    InterruptionFrame,
+    TranscriptionFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+from bots.heard import normalise
+from bots.playout import PlayoutGate
+from bots.tracing import content_on
+from bots.turn_settings import TurnSettings
+
+#: How long a held turn's end waits for its final transcript: the STT pushes the final before
+#: the end, but Pipecat hands system frames (the end) ahead of data frames, and a slow ASR's
+#: final comes after the STT has given up holding the end (its finalize timeout).
+SETTLE_S = 2.0
+#: Frames held for one turn at most; older interim transcripts give way beyond it.
+MAX_HELD = 256
+#: How alike (difflib's ratio) a user word and a word the bot just played must be for the user
+#: word to count as the bot's echo.
+ECHO_SIMILARITY = 0.8
+
+
+def own_words(
+    text: str, backchannels: tuple[str, ...], echo: set[str] | None = None
+) -> tuple[list[str], int, int]:
+    """The words of `text` that count for a barge-in, and how many were backchannels, echo.
+
+    Backchannel phrases are removed wherever they occur (longest first, so "i see" goes before
+    any single word); what is left is echo if the bot played it in the last seconds (`echo`).
+    """
+    words = normalise(text)
+    phrases = sorted((normalise(p) for p in backchannels), key=len, reverse=True)
+    kept: list[str] = []
+    backchannel = 0
+    i = 0
+    while i < len(words):
+        match = next((p for p in phrases if p and words[i : i + len(p)] == p), None)
+        if match is not None:
+            backchannel += len(match)
+            i += len(match)
+        else:
+            kept.append(words[i])
+            i += 1
+    if echo:
+        mine = [w for w in kept if not _is_echo(w, echo)]
+        return mine, backchannel, len(kept) - len(mine)
+    return kept, backchannel, 0
+
+
+def _is_echo(word: str, echo: set[str]) -> bool:
+    """Whether `word` is one of `echo` as an ASR may hear it back.
+
+    The same word, one cut short by an interim result ("capi" for "capital"), or one misheard by
+    a letter or two ("parish" for "paris").
+    """
+    if word in echo:
+        return True
+    for played in echo:
+        if len(word) >= 3 and played.startswith(word):
+            return True
+        if SequenceMatcher(None, word, played).ratio() >= ECHO_SIMILARITY:
+            return True
+    return False
+
+
+class BargeInGate(FrameProcessor):
+    """Holds a user turn that starts while the bot speaks until its words confirm it.
+
+    Args:
+        turn: The bot's turn settings (the barge-in rules).
+        recent_bot_words: The words the bot played in the last seconds (`HeardWords`), for the
+            echo rule; None: no echo rule.
+        playout: Paused while a turn is held (`resume_after_false_interruption`), resumed when
+            the turn is dropped or stays unconfirmed for `false_interruption_timeout_s`; None:
+            the bot goes on speaking until the turn is confirmed.
+        **kwargs: Passed to `FrameProcessor`.
+    """
+
+    def __init__(
+        self,
+        turn: TurnSettings,
+        recent_bot_words: Callable[[], set[str]] | None = None,
+        playout: PlayoutGate | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._turn = turn
+        self._recent_bot_words = recent_bot_words if turn.echo_transcript_filter else None
+        self._playout = playout
+        self._pause_timer: asyncio.Task[None] | None = None
+        self._bot_speaking = False
+        self._holding = False
+        self._held: list[Frame] = []
+        self._finals: list[str] = []  # the held turn's final transcripts so far
+        self._interim = ""  # and its latest interim one since
+        self._stopped = False
+        self._discarding = False  # a dropped turn's late transcripts and end go nowhere
+        self._final = asyncio.Event()
+        self._vad_since: float | None = None
+        self._speech_s = 0.0
+        self._timer: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
+        #: Settled held turns as (confirmed, words, backchannel words, echo words), for tests.
+        self.decisions: list[tuple[bool, int, int, int]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Pass frames on, holding a user turn that started while the bot speaks."""
+        await super().process_frame(frame, direction)
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_speaking = True
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            # Not while the bot's audio is paused for a held turn: that is no end of the reply.
+            self._bot_speaking = self._playout is not None and self._playout.paused
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
+            self._vad_since = time.monotonic() - self._turn.vad_start_s
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            if self._vad_since is not None:
+                self._speech_s += time.monotonic() - self._vad_since
+            self._vad_since = None
+        if direction == FrameDirection.DOWNSTREAM:
+            if isinstance(frame, UserStartedSpeakingFrame):
+                await self._turn_started(frame)
+                return
+            if self._holding and await self._hold(frame):
+                return
+            if self._discarding and isinstance(
+                frame, (InterimTranscriptionFrame, TranscriptionFrame, UserStoppedSpeakingFrame)
+            ):
+                return
+        await self.push_frame(frame, direction)
+
+    # ---- the held turn ------------------------------------------------------------------------
+
+    async def _turn_started(self, frame: UserStartedSpeakingFrame) -> None:
+        self._discarding = False
+        if self._vad_since is None:
+            self._vad_since = time.monotonic() - self._turn.vad_start_s
+        if self._holding:
+            # The turn detector ended the held turn and the user went on (the STT holds the end
+            # until the final, the start is not held): one held turn, judged as a whole.
+            self._held.append(frame)
+            self._stopped = False
+            self._final.clear()
+            settler, self._settler = self._settler, None
+            if settler is not None:
+                await self.cancel_task(settler)
+            return
+        self._speech_s = 0.0
+        if not self._bot_speaking:
+            await self._interrupt()
+            await self.push_frame(frame)
+            return
+        self._holding = True
+        self._held = [frame]
+        self._finals, self._interim = [], ""
+        self._stopped = False
+        self._final.clear()
+        if self._playout is not None:
+            self._playout.pause()
+            self._pause_timer = self.create_task(self._pause_timeout(), "barge-in-pause")
+
+    async def _hold(self, frame: Frame) -> bool:
+        """Hold `frame` if it belongs to the held turn (and judge the turn by it)."""
+        if isinstance(frame, TranscriptionFrame):
+            self._finals.append(frame.text)
+            self._interim = ""
+            self._final.set()
+        elif isinstance(frame, InterimTranscriptionFrame):
+            self._interim = frame.text
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            self._stopped = True
+            if self._settler is None:
+                self._settler = self.create_task(self._settle(), "barge-in-settle")
+        else:
+            return False  # not the user's: audio, VAD, the bot's frames go on
+        if len(self._held) >= MAX_HELD:
+            interim = next(
+                (i for i, f in enumerate(self._held) if isinstance(f, InterimTranscriptionFrame)),
+                None,
+            )
+            if interim is not None:
+                del self._held[interim]
+        self._held.append(frame)
+        if not self._stopped:
+            await self._judge()
+        return True
+
+    async def _judge(self) -> None:
+        """Confirm the held turn now, later (when it has lasted long enough), or not yet."""
+        words, _, _ = self._counts()
+        if len(words) < self._turn.barge_in_min_words:
+            return
+        wait_s = self._turn.barge_in_min_s - self._spoken_s()
+        if wait_s <= 0:
+            await self._confirm()
+        elif self._timer is None:
+            self._timer = self.create_task(self._confirm_after(wait_s), "barge-in-timer")
+
+    async def _confirm_after(self, wait_s: float) -> None:
+        await asyncio.sleep(wait_s)
+        if self._holding and not self._stopped:
+            await self._confirm()
+        self._timer = None
+
+    async def _settle(self) -> None:
+        """The held turn ended: confirm or drop it once its final transcript is in."""
+        try:
+            await asyncio.wait_for(self._final.wait(), SETTLE_S)
+        except TimeoutError:
+            pass  # no final text (noise, or nothing recognised): judge by the interims
+        self._settler = None
+        if not self._holding:
+            return
+        words, backchannel, echo = self._counts()
+        enough = (
+            len(words) >= self._turn.barge_in_min_words
+            and self._spoken_s() >= self._turn.barge_in_min_s
+        )
+        if enough or (not self._bot_speaking and words):
+            await self._confirm()
+            return
+        self._holding = False
+        self._discarding = True
+        self._held = []
+        await self._cancel_timer()
+        self.decisions.append((False, len(words), backchannel, echo))
+        logger.info(
+            f"{self}: user speech did not stop the bot ({len(words)} words of their own, "
+            f"{backchannel} backchannel, {echo} echo; {self._spoken_s():.2f} s)"
+        )
+        await self._resume()
+
+    async def _pause_timeout(self) -> None:
+        await asyncio.sleep(self._turn.false_interruption_timeout_s)
+        self._pause_timer = None
+        if self._playout is not None and self._playout.paused:
+            logger.info(f"{self}: no words confirmed the barge-in in time; the bot goes on")
+            self._playout.resume()
+
+    async def _resume(self) -> None:
+        timer, self._pause_timer = self._pause_timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            await self.cancel_task(timer)
+        if self._playout is not None:
+            self._playout.resume()
+
+    async def _confirm(self) -> None:
+        if not self._holding:
+            return
+        words, backchannel, echo = self._counts()
+        self._holding = False
+        await self._cancel_timer()
+        self.decisions.append((True, len(words), backchannel, echo))
+        text = f": {' '.join(words)!r}" if content_on() else ""
+        logger.info(
+            f"{self}: barge-in confirmed ({len(words)} words, {self._spoken_s():.2f} s of "
+            f"speech){text}"
+        )
+        held, self._held = self._held, []
+        timer, self._pause_timer = self._pause_timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            await self.cancel_task(timer)
+        await self._interrupt()  # clears the paused playout too
+        for frame in held:
+            await self.push_frame(frame)
+
+    async def _interrupt(self) -> None:
+        await self.broadcast_frame(InterruptionFrame)
+
+    def _counts(self) -> tuple[list[str], int, int]:
+        echo = self._recent_bot_words() if self._recent_bot_words is not None else None
+        text = " ".join([*self._finals, self._interim])
+        return own_words(text, self._turn.backchannels, echo)
+
+    def _spoken_s(self) -> float:
+        open_s = time.monotonic() - self._vad_since if self._vad_since is not None else 0.0
+        return self._speech_s + open_s
+
+    async def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            await self.cancel_task(timer)
+
+    async def cleanup(self) -> None:
+        """Stop the timers with the pipeline."""
+        await super().cleanup()  # type: ignore[no-untyped-call]
+        await self._cancel_timer()
+        for task in (self._settler, self._pause_timer):
+            if task is not None:
+                await self.cancel_task(task)
+        self._settler = self._pause_timer = None

@@ -1,0 +1,213 @@
+"""Turn-taking settings of a bot: endpointing, barge-in, echo; flags and environment variables.
+
+`TurnSettings` is the one place that lists them. Each field is a flag of `python -m bots.<name>`
+and `nemotron-speech bot <name>` (`--vad-stop-s 0.3`) and an environment variable
+(`NEMOTRON_BOT_VAD_STOP_S=0.3`); a flag wins over the variable, the variable over the bot's own
+default. Each bot sets the defaults it was tuned for (`BotConfig.turn`).
+
+Endpointing (when the user's turn ends):
+    vad_stop_s, vad_start_s, vad_confidence, vad_min_volume: Silero's `VADParams`: seconds of
+        silence before the VAD says the user stopped, seconds of speech before it says they
+        started, the voice confidence and the volume below which a frame is silence.
+    smart_turn: SmartTurn v3 judges at each VAD pause whether the user is done; off: the VAD
+        stop ends the turn.
+    smart_turn_stop_s: SmartTurn's own fallback: this much silence ends the turn whatever the
+        model says.
+    user_idle_s: when the bot has finished speaking and the user stays silent this long, the bot
+        asks once, briefly, whether they are still there (0: never).
+
+Barge-in (when the user's speech stops the bot; see `bots.barge_in`):
+    barge_in_min_words: words the user must say (not counting backchannels or the bot's own
+        words heard back) before the bot yields while it speaks.
+    barge_in_min_s: seconds the user must have spoken before the bot yields while it speaks.
+        Both rules must hold; with both at 0 (the bots' defaults so far) the VAD's start stops
+        the bot at once, as Pipecat does by default.
+    backchannels: phrases that never stop the bot ("mm-hm", "yeah"...), compared without case
+        or punctuation.
+    resume_after_false_interruption: with the barge-in rules on, the bot's audio pauses as
+        soon as the VAD hears the user (low barge-in latency) and resumes where it paused if the
+        speech turns out to be noise, a backchannel or its own echo. Off: the bot speaks on
+        until words confirm the barge-in (a false one never stops it).
+    false_interruption_timeout_s: how long the bot stays paused waiting for words that confirm
+        the interruption; then it resumes (words that come later still interrupt it).
+    echo_transcript_filter: user words that repeat what the bot is saying right now are taken
+        for its own voice heard back, not for the user's.
+    echo_cancellation: "off", or "webrtc": WebRTC's acoustic echo canceller on the microphone,
+        with the bot's played audio as the reference (`bots.echo`). Off by default: the browser
+        client asks the browser for echo cancellation, and headsets have no echo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "NEMOTRON_BOT_"
+
+#: The echo cancellers `echo_cancellation` may name ("off" turns it off).
+ECHO_CANCELLERS = ("off", "webrtc")
+
+DEFAULT_BACKCHANNELS = (
+    "mm-hm",
+    "mhm",
+    "mm",
+    "hm",
+    "uh-huh",
+    "yeah",
+    "yes",
+    "yep",
+    "right",
+    "okay",
+    "ok",
+    "sure",
+    "i see",
+    "got it",
+)
+
+
+class TurnSettingsError(ValueError):
+    """A flag or variable whose value does not fit its setting; the message names it."""
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    """When the user's turn starts and ends, what stops the bot, and what cancels its echo."""
+
+    vad_stop_s: float = 0.2
+    vad_start_s: float = 0.2
+    vad_confidence: float = 0.7
+    vad_min_volume: float = 0.6
+    smart_turn: bool = True
+    smart_turn_stop_s: float = 3.0
+    user_idle_s: float = 0.0
+    barge_in_min_words: int = 0
+    barge_in_min_s: float = 0.0
+    backchannels: tuple[str, ...] = DEFAULT_BACKCHANNELS
+    resume_after_false_interruption: bool = False
+    false_interruption_timeout_s: float = 1.5
+    echo_transcript_filter: bool = True
+    echo_cancellation: str = "off"
+
+    def __post_init__(self) -> None:
+        """Refuse values no bot could run with, naming the setting."""
+        for name in ("vad_stop_s", "vad_start_s", "smart_turn_stop_s", "user_idle_s"):
+            _at_least(name, getattr(self, name), 0.0)
+        _at_least("barge_in_min_s", self.barge_in_min_s, 0.0)
+        _at_least("barge_in_min_words", self.barge_in_min_words, 0)
+        _at_least("false_interruption_timeout_s", self.false_interruption_timeout_s, 0.0)
+        for name in ("vad_confidence", "vad_min_volume"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise TurnSettingsError(f"{name} must lie in 0..1, not {value}")
+        if self.echo_cancellation not in ECHO_CANCELLERS:
+            raise TurnSettingsError(
+                f"echo_cancellation must be one of {', '.join(ECHO_CANCELLERS)}, "
+                f"not {self.echo_cancellation!r}"
+            )
+
+    @property
+    def barge_in_gated(self) -> bool:
+        """Whether user speech must pass the barge-in rules before it stops the bot."""
+        return self.barge_in_min_words > 0 or self.barge_in_min_s > 0
+
+    def with_environment(self, env: Mapping[str, str] | None = None) -> TurnSettings:
+        """These settings with the NEMOTRON_BOT_* variables of `env` (default os.environ)."""
+        env = os.environ if env is None else env
+        changes: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            name = env_name(field.name)
+            if name in env:
+                changes[field.name] = _parse(name, env[name], getattr(self, field.name))
+        try:
+            return dataclasses.replace(self, **changes)
+        except TurnSettingsError as err:
+            raise TurnSettingsError(f"{err} (from the NEMOTRON_BOT_* variables)") from None
+
+
+def env_name(field: str) -> str:
+    """The environment variable of setting `field`."""
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of setting `field`."""
+    return "--" + field.replace("_", "-")
+
+
+def add_turn_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting to `parser` (none has a default: unset keeps the variable's)."""
+    group = parser.add_argument_group(
+        "turn-taking", f"endpointing, barge-in and echo; each flag also reads {ENV_PREFIX}<NAME>"
+    )
+    for field in dataclasses.fields(TurnSettings):
+        group.add_argument(
+            flag_name(field.name),
+            dest=f"turn_{field.name}",
+            metavar="VALUE",
+            default=None,
+            help=f"(${env_name(field.name)})",
+        )
+
+
+def flags_to_environment(argv: Sequence[str], env: MutableMapping[str, str]) -> list[str]:
+    """Move the turn flags of `argv` into `env` (checked); returns the other arguments.
+
+    A bot runs under Pipecat's runner, which parses the command line itself; the turn flags
+    are taken out first and travel as the variables they stand for, so that a flag wins.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_turn_flags(parser)
+    known, rest = parser.parse_known_args(list(argv))
+    defaults = TurnSettings()
+    for field in dataclasses.fields(TurnSettings):
+        value = getattr(known, f"turn_{field.name}")
+        if value is not None:
+            _parse(flag_name(field.name), value, getattr(defaults, field.name))
+            env[env_name(field.name)] = value
+    return rest
+
+
+def _parse(name: str, text: str, like: object) -> object:
+    """`text` as the type of `like` (the setting's current value); errors name `name`."""
+    text = text.strip()
+    try:
+        if isinstance(like, bool):
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+        if isinstance(like, tuple):
+            return tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    except ValueError as err:
+        raise TurnSettingsError(f"{name}={text!r}: {err}") from None
+    return text
+
+
+def _at_least(name: str, value: float, least: float) -> None:
+    if value < least:
+        raise TurnSettingsError(f"{name} must be at least {least:g}, not {value}")
+
+
+def describe(settings: TurnSettings | None = None) -> str:
+    """One line per setting: its flag, its variable and its value in `settings`."""
+    settings = settings or TurnSettings()
+    lines = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        lines.append(f"{flag_name(field.name):36} ${env_name(field.name):44} {shown}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe(TurnSettings().with_environment()))

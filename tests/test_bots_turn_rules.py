@@ -1,0 +1,378 @@
+"""The turn-taking rules without models: settings, word placement, the cut, the barge-in gate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+from loguru import logger
+from pipecat.frames.frames import (
+    AggregatedTextFrame,
+    BotStartedSpeakingFrame,
+    Frame,
+    InterimTranscriptionFrame,
+    InterruptionFrame,
+    LLMFullResponseStartFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    TTSTextFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.tests.utils import SleepFrame, run_test
+
+from bots.barge_in import BargeInGate, own_words
+from bots.echo import EchoReference
+from bots.heard import HeardWords
+from bots.playout import PlayoutGate
+from bots.tts import GrpcTTSService, _Segment
+from bots.turn_settings import (
+    DEFAULT_BACKCHANNELS,
+    TurnSettings,
+    TurnSettingsError,
+    add_turn_flags,
+    flags_to_environment,
+)
+from nemotron.speech.v1 import tts_pb2
+
+pytestmark = pytest.mark.timeout(30)
+
+RATE = 16000
+GATED = TurnSettings(barge_in_min_words=1, vad_start_s=0.0)
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+
+def test_the_environment_overrides_a_bots_defaults_and_names_a_bad_value():
+    bot = TurnSettings(vad_stop_s=0.8, smart_turn=False)
+    env = {
+        "NEMOTRON_BOT_VAD_STOP_S": "0.5",
+        "NEMOTRON_BOT_BARGE_IN_MIN_WORDS": "2",
+        "NEMOTRON_BOT_BACKCHANNELS": "Yeah, mm-hm",
+        "NEMOTRON_BOT_ECHO_CANCELLATION": "webrtc",
+    }
+    turn = bot.with_environment(env)
+    assert (turn.vad_stop_s, turn.smart_turn, turn.barge_in_min_words) == (0.5, False, 2)
+    assert turn.backchannels == ("yeah", "mm-hm")
+    assert turn.echo_cancellation == "webrtc" and turn.barge_in_gated
+    with pytest.raises(TurnSettingsError, match="NEMOTRON_BOT_SMART_TURN"):
+        bot.with_environment({"NEMOTRON_BOT_SMART_TURN": "perhaps"})
+    with pytest.raises(TurnSettingsError, match="echo_cancellation"):
+        bot.with_environment({"NEMOTRON_BOT_ECHO_CANCELLATION": "speex"})
+    with pytest.raises(TurnSettingsError, match="vad_confidence"):
+        TurnSettings(vad_confidence=1.5)
+
+
+def test_turn_flags_become_variables_and_the_runners_flags_stay():
+    env: dict[str, str] = {}
+    rest = flags_to_environment(
+        ["-t", "webrtc", "--barge-in-min-s", "0.3", "--port", "7861", "--smart-turn=false"], env
+    )
+    assert rest == ["-t", "webrtc", "--port", "7861"]
+    assert env == {"NEMOTRON_BOT_BARGE_IN_MIN_S": "0.3", "NEMOTRON_BOT_SMART_TURN": "false"}
+    with pytest.raises(TurnSettingsError, match="--vad-stop-s"):
+        flags_to_environment(["--vad-stop-s", "soon"], {})
+    parser = argparse.ArgumentParser()
+    add_turn_flags(parser)
+    assert "NEMOTRON_BOT_USER_IDLE_S" in parser.format_help()
+
+
+def test_the_bots_keep_their_endpointing():
+    from bots.interleaved_streaming import CONFIG as default
+    from bots.simple_vad import CONFIG as simple
+
+    assert (default.turn.vad_stop_s, default.turn.smart_turn) == (0.2, True)
+    assert (simple.turn.vad_stop_s, simple.turn.smart_turn) == (0.8, False)
+    assert not default.turn.barge_in_gated and default.turn.echo_cancellation == "off"
+
+
+# ---- what counts as words ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "own", "backchannel"),
+    [
+        ("Yeah.", 0, 1),
+        ("Mm-hm, yeah!", 0, 2),
+        ("I see.", 0, 2),
+        ("Okay, okay.", 0, 2),
+        ("Stop, wait.", 2, 0),
+        ("Yeah, but what about Paris?", 4, 1),
+    ],
+)
+def test_backchannels_do_not_count_as_words(text, own, backchannel):
+    words, backchannels, echo = own_words(text, DEFAULT_BACKCHANNELS)
+    assert (len(words), backchannels, echo) == (own, backchannel, 0)
+
+
+def test_the_bots_own_recent_words_heard_back_do_not_count():
+    words, _, echo = own_words("A friendly dragon.", (), {"a", "friendly", "dragon", "lived"})
+    assert (words, echo) == ([], 3)
+    words, _, echo = own_words("Stop the dragon", (), {"a", "friendly", "dragon"})
+    assert (words, echo) == (["stop", "the"], 1)
+    # As an ASR hears it back: cut short by an interim result, or a letter off.
+    words, _, echo = own_words("The capi of France, Parish", (), {"the", "capital", "paris"})
+    assert (words, echo) == (["of", "france"], 3)
+
+
+# ---- words placed in the audio -----------------------------------------------------------------
+
+
+class CapturingTts(GrpcTTSService):
+    """The TTS adapter with its pushes captured instead of sent on (a test double)."""
+
+    def __init__(self) -> None:
+        super().__init__(target="127.0.0.1:9")
+        self.sample_rate = RATE
+        self.stream_id = "stream"
+        self.pushed: list[Frame] = []
+
+    async def push_frame(self, frame: Frame, direction: Any = None) -> None:  # type: ignore[override]
+        self.pushed.append(frame)
+
+    def open(self, segment_id: str, text: str) -> None:
+        self._pending[segment_id] = _Segment(segment_id, text, 1, True)
+
+
+def _chunk(segment: str, ms: float, words: list[tuple[str, int, float]] = ()) -> Any:  # type: ignore[assignment]
+    return tts_pb2.AudioChunk(
+        stream_id="stream",
+        segment_id=segment,
+        audio=bytes(2 * int(RATE * ms / 1000)),
+        words=[
+            tts_pb2.WordTiming(word=w, text_offset=o, start_ms=s, end_ms=s + 100)
+            for w, o, s in words
+        ],
+    )
+
+
+def _layout(frames: list[Frame]) -> list[tuple[str, object]]:
+    """("audio", ms) and ("word", text) in push order."""
+    out: list[tuple[str, object]] = []
+    for frame in frames:
+        if isinstance(frame, TTSAudioRawFrame):
+            out.append(("audio", len(frame.audio) / 2 / RATE * 1000))
+        elif isinstance(frame, TTSTextFrame):
+            out.append(("word", frame.text))
+    return out
+
+
+async def test_each_word_is_pushed_where_its_audio_starts():
+    tts = CapturingTts()
+    text = " Hello there, friend."
+    tts.open("s1", text)
+    await tts._on_audio(_chunk("s1", 300, [("Hello", 1, 0.0), ("there,", 7, 250.0)]))
+    await tts._on_audio(_chunk("s1", 300, [("friend.", 14, 420.0)]))
+    assert _layout(tts.pushed) == [
+        ("word", " Hello"),
+        ("audio", 250.0),
+        ("word", " there,"),
+        ("audio", 50.0),
+        ("audio", 120.0),
+        ("word", " friend."),
+        ("audio", 180.0),
+    ]
+    words = [f for f in tts.pushed if isinstance(f, TTSTextFrame)]
+    assert "".join(w.text for w in words) == text  # the aggregator's concatenation
+    assert all(w.includes_inter_frame_spaces and w.append_to_context for w in words)
+    announced = next(f for f in tts.pushed if type(f) is AggregatedTextFrame)
+    assert not announced.append_to_context and announced.will_be_spoken
+    assert {w.segment_id for w in words} == {announced.id}
+
+
+async def test_without_word_timings_words_are_placed_by_an_estimate_logged_once():
+    tts = CapturingTts()
+    records: list[str] = []
+    sink = logger.add(records.append, level=logging.INFO)
+    try:
+        tts.open("s1", "One two three four.")  # 19 characters: about 1.4 s at 14 chars/s
+        for _ in range(4):
+            await tts._on_audio(_chunk("s1", 400))
+        tts.open("s2", "Five six.")
+        await tts._on_audio(_chunk("s2", 400))
+    finally:
+        logger.remove(sink)
+    words = [f.text for f in tts.pushed if isinstance(f, TTSTextFrame)]
+    assert words == ["One", " two", " three", " four.", "Five", " six."]
+    layout = _layout(tts.pushed)
+    # "three" starts at character 8: 8 / 14 s = 571 ms, in the second chunk.
+    assert layout.index(("word", " three")) > layout.index(("word", " two")) + 1
+    assert sum(1 for r in records if "no word timings" in r) == 1
+
+
+# ---- the cut -----------------------------------------------------------------------------------
+
+
+async def test_an_interruption_reports_the_played_words_of_the_reply():
+    heard = HeardWords(lambda: 12)
+    played = ["Once", " upon", " a", " time"]
+    frames: list[Frame] = [LLMFullResponseStartFrame()]
+    for word in played:
+        frame = TTSTextFrame(word, text_type="word")
+        frame.includes_inter_frame_spaces = True
+        frames.append(frame)
+    late = TTSTextFrame(" late", text_type="word")  # released as the interruption passed
+    frames += [SleepFrame(0.1), InterruptionFrame(), SleepFrame(0.1), late]
+    down, _up = await run_test(heard, frames_to_send=frames)
+    assert heard.cuts == [(4, 12)]
+    assert [f.text for f in down if isinstance(f, TTSTextFrame)] == played
+    assert {"once", "upon", "time"} <= heard.recent_words()
+
+
+# ---- the barge-in gate ---------------------------------------------------------------------------
+
+
+def _turn(*texts: str, final: bool = True) -> list[Frame]:
+    """A user turn as the STT adapter passes it on: start, interims, final, end."""
+    frames: list[Frame] = [VADUserStartedSpeakingFrame(), UserStartedSpeakingFrame()]
+    for text in texts[:-1]:
+        frames += [InterimTranscriptionFrame(text, "user", "now"), SleepFrame(0.05)]
+    if texts and final:
+        frames.append(TranscriptionFrame(texts[-1], "user", "now", finalized=True))
+    frames += [SleepFrame(0.05), VADUserStoppedSpeakingFrame(), UserStoppedSpeakingFrame()]
+    return [*frames, SleepFrame(0.5 if texts and final else 2.5)]  # (the wait for a final)
+
+
+async def _gate(frames: list[Frame], speaking: bool = True, **kwargs: Any) -> tuple[Any, Any, Any]:
+    gate = BargeInGate(GATED, **kwargs)
+    start = [BotStartedSpeakingFrame()] if speaking else []
+    down, up = await run_test(gate, frames_to_send=[*start, *frames])
+    return gate, down, up
+
+
+def _kinds(frames: Any) -> list[type]:
+    return [type(f) for f in frames if not isinstance(f, (BotStartedSpeakingFrame,))]
+
+
+async def test_a_backchannel_while_the_bot_speaks_goes_nowhere():
+    gate, down, up = await _gate(_turn("Yeah", "Yeah."))
+    assert not any(isinstance(f, InterruptionFrame) for f in [*down, *up])
+    assert not any(isinstance(f, (UserStartedSpeakingFrame, TranscriptionFrame)) for f in down)
+    assert gate.decisions == [(False, 0, 1, 0)]
+
+
+async def test_words_of_the_users_own_interrupt_and_the_turn_goes_on():
+    gate, down, up = await _gate(_turn("Stop", "Stop, wait."))
+    kinds = _kinds(down)
+    assert kinds.index(InterruptionFrame) < kinds.index(UserStartedSpeakingFrame)
+    assert TranscriptionFrame in kinds and UserStoppedSpeakingFrame in kinds
+    assert any(isinstance(f, InterruptionFrame) for f in up)
+    assert gate.decisions[0][0] is True
+
+
+async def test_an_empty_turn_while_the_bot_speaks_leaves_the_reply_alone():
+    gate, down, up = await _gate(_turn())  # noise: the VAD fired, the ASR heard nothing
+    assert not any(isinstance(f, InterruptionFrame) for f in [*down, *up])
+    assert gate.decisions == [(False, 0, 0, 0)]
+
+
+async def test_a_final_that_comes_after_the_end_still_decides_and_a_dropped_turn_stays_dropped():
+    # A slow ASR: the STT gave up holding the end, the final follows; "stop" then confirms.
+    late: list[Frame] = [VADUserStartedSpeakingFrame(), UserStartedSpeakingFrame()]
+    late += [VADUserStoppedSpeakingFrame(), UserStoppedSpeakingFrame(), SleepFrame(0.5)]
+    late += [TranscriptionFrame("Stop.", "user", "now", finalized=True), SleepFrame(0.3)]
+    gate, down, _up = await _gate(late)
+    assert [d[0] for d in gate.decisions] == [True] and InterruptionFrame in _kinds(down)
+    # A backchannel dropped; its late final (after the STT gave up) does not leak on either.
+    frames = [*_turn("Yeah", "Yeah.", final=False)[:-1], SleepFrame(2.5)]
+    frames += [TranscriptionFrame("Yeah.", "user", "now", finalized=True), SleepFrame(0.3)]
+    gate, down, _up = await _gate(frames)
+    assert gate.decisions == [(False, 0, 1, 0)]
+    assert not any(isinstance(f, (TranscriptionFrame, UserStoppedSpeakingFrame)) for f in down)
+
+
+async def test_the_bots_echo_heard_back_does_not_interrupt():
+    recent = {"a", "friendly", "dragon", "who", "lives"}
+    gate, down, _up = await _gate(_turn("A friendly dragon."), recent_bot_words=lambda: recent)
+    assert not any(isinstance(f, InterruptionFrame) for f in down)
+    assert gate.decisions == [(False, 0, 0, 3)]
+
+
+async def test_a_turn_while_the_bot_is_silent_interrupts_at_once():
+    gate, down, _up = await _gate(_turn("Yeah."), speaking=False)
+    kinds = _kinds(down)
+    assert kinds[:1] == [VADUserStartedSpeakingFrame] and InterruptionFrame in kinds
+    assert TranscriptionFrame in kinds and gate.decisions == []
+
+
+# ---- the echo reference ------------------------------------------------------------------------
+
+
+def test_the_echo_reference_gives_each_microphone_block_what_played_then_once():
+    reference = EchoReference(lag_s=0.05, span_s=2.0)
+    reference.start(RATE)
+    origin = reference.index(0.0) * -1 / RATE  # the reference's own time zero
+    tone = (8000 * np.sin(np.arange(24000) / 24000 * 2 * np.pi * 440)).astype(np.int16)
+    # One second at 24 kHz that finished playing at t = 1.5 s: it sounded over 0.5..1.5 s.
+    reference.played(tone.tobytes(), 24000, ended_at=origin + 1.5)
+    assert reference.played_samples > 0.95 * RATE  # (the resampler holds a few back)
+
+    def block(mic_end_s: float) -> np.ndarray:
+        return reference.read(round(mic_end_s * RATE), 160)
+
+    assert not block(0.5).any()  # before the tone (plus the lag): silence
+    assert block(1.0).any()  # the tone, as played 50 ms before the block
+    assert not block(1.0).any()  # read once, then forgotten
+    assert not block(1.6).any()  # after the tone and its lag
+    # A frame that follows on is placed right after the one before, whatever its arrival says.
+    reference.played(tone[:2400].tobytes(), 24000, ended_at=origin + 1.62)
+    assert block(1.55 + 0.05 + 0.01).any()
+
+
+# ---- pause and resume ----------------------------------------------------------------------------
+
+
+def _audio(ms: int) -> TTSAudioRawFrame:
+    return TTSAudioRawFrame(bytes(2 * RATE * ms // 1000), RATE, 1)
+
+
+async def test_the_playout_paces_pauses_and_resumes_the_reply_losing_nothing():
+    playout = PlayoutGate(lead_s=0.05)
+
+    async def pause_a_while() -> None:
+        await asyncio.sleep(0.3)
+        playout.pause()
+        await asyncio.sleep(0.5)
+        playout.resume()
+
+    pausing = asyncio.create_task(pause_a_while())
+    frames = [*(_audio(100) for _ in range(8)), SleepFrame(1.6)]
+    down, _up = await run_test(playout, frames_to_send=frames)
+    await pausing
+    assert sum(isinstance(f, TTSAudioRawFrame) for f in down) == 8
+    assert len(playout.pauses) == 1 and playout.pauses[0][1] is True
+
+
+async def test_an_interruption_clears_a_paused_playout():
+    playout = PlayoutGate(lead_s=0.05)
+    playout.pause()
+    frames = [*(_audio(100) for _ in range(3)), SleepFrame(0.2), InterruptionFrame()]
+    down, _up = await run_test(playout, frames_to_send=frames)
+    assert not any(isinstance(f, TTSAudioRawFrame) for f in down)
+    assert not playout.paused and playout.pauses[0][1] is False
+
+
+async def test_a_held_turn_pauses_the_bot_and_a_false_one_resumes_it():
+    playout = PlayoutGate()
+    gate, down, _up = await _gate(_turn("Mm-hm."), playout=playout)
+    assert gate.decisions == [(False, 0, 1, 0)]
+    assert not playout.paused and playout.pauses and playout.pauses[0][1] is False  # nothing held
+    assert not any(isinstance(f, InterruptionFrame) for f in down)
+
+
+async def test_a_pause_with_no_confirming_words_ends_after_the_timeout():
+    playout = PlayoutGate()
+    gate = BargeInGate(
+        TurnSettings(barge_in_min_words=1, false_interruption_timeout_s=0.2), playout=playout
+    )
+    frames = [BotStartedSpeakingFrame(), VADUserStartedSpeakingFrame(), UserStartedSpeakingFrame()]
+    await run_test(gate, frames_to_send=[*frames, SleepFrame(0.6)])
+    assert not playout.paused and len(playout.pauses) == 1
+    assert gate.decisions == []  # the turn itself is still undecided
