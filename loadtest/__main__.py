@@ -6,6 +6,8 @@ latency's p95 passes a bound. Prints a table, writes a JSON and a PNG plot. Loop
 
     python -m loadtest --steps 1,2,4,8 --turns 3 [--wav question.wav]
     python -m loadtest failover --replicas 3   (replicas killed and drained: loadtest/failover.py)
+    python -m loadtest quality                 (turn-taking: loadtest/conversation_quality.py)
+    python -m loadtest gpu --out gpu.json      (random-weight speech models: loadtest/gpu_bench.py)
 
 A target may name several replicas (`ipv4:127.0.0.2:8080,127.0.0.3:8080`): the callers' channels
 balance over them as every client of the mesh does.
@@ -143,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loadtest.failover import main as failover
 
         return failover(argv[1:])
+    if argv[:1] == ["quality"]:
+        from loadtest.conversation_quality import main as quality
+
+        return quality(argv[1:])
+    if argv[:1] == ["gpu"]:
+        from loadtest.gpu_bench import main as gpu
+
+        return gpu(argv[1:])
     args = build_parser().parse_args(argv)
     steps = [int(n) for n in args.steps.split(",")]
     if not 1 <= args.turns <= 50 or any(not 1 <= n <= 64 for n in steps):
