@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,9 +119,49 @@ def test_bot_services_run_a_real_bot_against_the_published_server_ports(compose,
     assert servers["profiles"] == service["profiles"]
 
 
-def test_root_compose_file_includes_the_stack():
+def test_root_compose_file_includes_the_stack_and_defaults_to_the_cpu_profile():
     root = yaml.safe_load((ROOT / "compose.yaml").read_text())
     assert root["include"] == ["deploy/compose.yaml"]
+    assert root["name"] == "nemotron-speech"  # the project `nemotron-speech stack` drives
+    # Plain `docker compose up` there: the project's .env picks the CPU profile.
+    assert dotenv_values(ROOT / ".env") == {"COMPOSE_PROFILES": "cpu"}
+
+
+def _compose_v2() -> str | None:
+    docker = shutil.which("docker")
+    if docker is None:
+        return None
+    done = subprocess.run(
+        [docker, "compose", "version", "--short"], capture_output=True, text=True, timeout=30
+    )
+    return docker if done.returncode == 0 and _version(done.stdout)[:1] >= (2,) else None
+
+
+@pytest.mark.parametrize(
+    ("profiles", "expected"),
+    [
+        ([], {"asr", "tts", "llm", "bot", "jaeger"}),
+        (["gpu"], {"speech-gpu", "bot-gpu", "jaeger"}),
+        (["gpu", "vllm"], {"speech-gpu", "bot-gpu", "vllm", "jaeger"}),
+        (["cpu"], {"asr", "tts", "llm", "bot", "jaeger"}),
+    ],
+)
+def test_profiles_select_one_stack_in_the_repository_root(profiles, expected):
+    docker = _compose_v2()
+    if docker is None:  # CI checks the same in tools/ci-containers.sh, after installing it
+        pytest.skip("needs Docker Compose v2 (tools/docker-engine.sh installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    flags = [flag for name in profiles for flag in ("--profile", name)]
+    done = subprocess.run(
+        [docker, "compose", *flags, "config", "--services"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) == expected
 
 
 def _nemotron_env(environment: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -255,3 +296,113 @@ def test_the_in_process_vllm_extra_runs_nemotron_3_nano():
     (requirement,) = extras["optional-dependencies"]["vllm"]
     lower = re.fullmatch(r"vllm>=([\d.]+)", requirement)
     assert lower and _version(lower.group(1)) >= (0, 12), requirement
+
+
+def _dockerfile_arg(dockerfile: str, name: str) -> str:
+    text = (ROOT / "deploy" / dockerfile).read_text()
+    match = re.search(rf"^ARG {name}=(\S+)$", text, re.MULTILINE)
+    assert match, f"{dockerfile}: no ARG {name}"
+    return match.group(1)
+
+
+def test_images_build_from_a_python_base_without_an_external_frontend(compose):
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (ROOT / "deploy" / dockerfile).read_text()
+        # A `# syntax=` line makes BuildKit pull a frontend image; the engine's own is used.
+        assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE), dockerfile
+        stages_from = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+        bases = {base for base in stages_from if base.startswith("$")}
+        assert bases == {"${PYTHON_IMAGE}"}, (dockerfile, stages_from)
+    # Compose passes the same default base, which PYTHON_IMAGE (tools/docker-base.sh) replaces.
+    for name in ("asr", "bot", "speech-gpu"):
+        build = compose["services"][name]["build"]
+        dockerfile = build["dockerfile"].removeprefix("deploy/")
+        assert build["args"]["PYTHON_IMAGE"] == _dockerfile_arg(dockerfile, "PYTHON_IMAGE"), name
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_image_healthcheck_asks_the_stages_of_the_default_command(dockerfile):
+    text = (ROOT / "deploy" / dockerfile).read_text()
+    (health,) = re.findall(r"HEALTHCHECK .*\\\n\s+CMD (\[.*\])", text)
+    command = json.loads(health)
+    parsed = build_parser().parse_args(command[1:])
+    assert parsed.command == "health" and parsed.stages == []  # from $NEMOTRON_STAGES
+    (cmd,) = re.findall(r"^CMD (\[.*\])$", text, re.MULTILINE)
+    assert json.loads(cmd)[1] == "serve-all"
+    stages = re.findall(r'NEMOTRON_STAGES="([^"]*)"', text)
+    assert stages and all(s.split() == ["asr", "tts", "llm"] for s in stages)
+
+
+@pytest.mark.parametrize("name", ["asr", "tts", "llm", "speech-gpu"])
+def test_each_container_checks_the_stages_it_serves(compose, name):
+    service = compose["services"][name]
+    parsed = build_parser().parse_args(service["command"][1:])
+    declared = service["environment"]["NEMOTRON_STAGES"].split()
+    served = [parsed.service] if parsed.command == "serve" else declared
+    assert declared == served, "the image's HEALTHCHECK reads NEMOTRON_STAGES"
+    health = build_parser().parse_args(service["healthcheck"]["test"][2:])
+    assert health.stages in ([], served)
+
+
+def test_ci_override_puts_an_otlp_receiver_of_ours_in_jaegers_place(compose):
+    override = yaml.safe_load((ROOT / "deploy" / "compose.ci.yaml").read_text())
+    assert set(override["services"]) == {"jaeger"}
+    sink = override["services"]["jaeger"]
+    assert sink["image"].split(":")[0] == compose["services"]["asr"]["image"].split(":")[0]
+    assert sink["command"][:2] == ["python", "/sink/otlp_sink.py"]
+    assert sink["command"][sink["command"].index("--port") + 1] == "4317"
+    assert "127.0.0.1:4317:4317" in compose["services"]["jaeger"]["ports"]
+    # Its own healthcheck: the image's asks for gRPC servers that this container does not run.
+    assert "nemotron-speech" not in sink["healthcheck"]["test"]
+    assert any(v.endswith(":/sink/otlp_sink.py:ro") for v in sink["volumes"])
+
+
+@pytest.mark.timeout(60)
+def test_the_otlp_sink_writes_spans_that_the_trace_report_reads(tmp_path):
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    from nemotron_speech.trace_report import spans_from_otlp_json
+    from tests.servers import free_port
+
+    port = free_port()
+    out = tmp_path / "traces" / "spans.jsonl"
+    sink = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "otlp_sink.py"), "--port", str(port), "--out", out],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    service = common_pb2.KeyValue(
+        key="service.name", value=common_pb2.AnyValue(string_value="nemotron-asr")
+    )
+    span = trace_pb2.Span(
+        trace_id=bytes(range(16)),
+        span_id=bytes(range(8)),
+        name="asr.finalize",
+        start_time_unix_nano=1_000,
+        end_time_unix_nano=2_000,
+    )
+    request = trace_service_pb2.ExportTraceServiceRequest(
+        resource_spans=[
+            trace_pb2.ResourceSpans(
+                resource=resource_pb2.Resource(attributes=[service]),
+                scope_spans=[trace_pb2.ScopeSpans(spans=[span])],
+            )
+        ]
+    )
+    try:
+        assert sink.stdout is not None
+        assert "OTLP/gRPC on port" in sink.stdout.readline()  # serving from here on
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            trace_service_pb2_grpc.TraceServiceStub(channel).Export(request, timeout=10)
+        spans = spans_from_otlp_json(out.read_text().splitlines())
+        assert [(s.service, s.name, s.trace_id) for s in spans] == [
+            ("nemotron-asr", "asr.finalize", bytes(range(16)).hex())
+        ]
+    finally:
+        sink.terminate()
+        assert sink.wait(timeout=15) == 0
+        sink.stdout.close()  # type: ignore[union-attr]
