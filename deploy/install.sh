@@ -61,6 +61,8 @@ if [ "$cuda" = 1 ] && [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null 2>&1
     base=${lib%%.so.*}.so
     [ -e "$base" ] || ln -s "$(basename "$lib")" "$base"
   done
+  # nvcc (its nvcc.profile) links from lib64, the wheels put everything in lib.
+  [ -e "$root/lib64" ] || ln -s lib "$root/lib64"
   export CUDAToolkit_ROOT="$root" CUDACXX="$root/bin/nvcc" PATH="$root/bin:$PATH"
   # Without the driver's libcuda at build time: no virtual memory management pool, which is the
   # one part of ggml-cuda that links libcuda directly (the legacy pool is used instead).

@@ -24,7 +24,15 @@ import torch, llama_cpp, nemo.collections.asr, nemo.collections.tts
 import services.asr.backends.parakeet, services.tts.backends.magpie, services.llm.backends.llama_cpp
 print("torch", torch.__version__, "CUDA", torch.version.cuda)
 print("nemo", m.version("nemo-toolkit"), "llama-cpp-python", m.version("llama-cpp-python"))
-print("llama.cpp GPU offload built in:", llama_cpp.llama_supports_gpu_offload())
+'
+# llama.cpp reports GPU offload only where a driver answers; here, check that its CUDA backend
+# was built and finds the CUDA runtime and cuBLAS of the torch wheels (the driver comes from the
+# host at run time, with the NVIDIA container toolkit).
+docker run --rm --entrypoint sh "$tag" -c '
+cuda=$(python -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent / \"lib\" / \"libggml-cuda.so\")")
+test -f "$cuda" || { echo "build-gpu-image: llama.cpp has no CUDA backend ($cuda)" >&2; exit 1; }
+if ldd "$cuda" | grep "not found"; then echo "build-gpu-image: unresolved libraries" >&2; exit 1; fi
+ldd "$cuda" | grep -E "libcudart|libcublas" | sed "s/^/build-gpu-image: llama.cpp CUDA backend links /"
 '
 docker run --rm "$tag" nemotron-speech serve asr --backend nemo --help >/dev/null
 echo "build-gpu-image: serve asr --backend nemo --help ok"
