@@ -14,6 +14,13 @@ interrupts the bot by itself (`bots.turns`); `BargeInGate`, after the STT adapte
   LLM sees it. If the bot finished its reply meanwhile, a turn with words of its own (not only
   backchannels or echo) is let through as an ordinary turn.
 
+Only words said since the user started count. The ASR's utterance runs on from the user's last
+turn, through the bot's reply, so its transcript also holds whatever of the bot's voice the
+microphone heard before (echo, even after echo cancellation); with word times from the ASR
+(`GrpcSTTService(word_timestamps=True)`, `audio_ms`) the gate keeps the words that end after the
+user's speech began (the VAD start less `vad_start_s` and `ONSET_MARGIN_S`), for the count and in
+the transcripts of the turn that go on to the context. Without word times it counts them all.
+
 Latency: confirming by words needs the ASR's interim results, so with words required the bot
 stops a few hundred milliseconds later than on the VAD start alone (the interim cadence of the
 ASR server). `resume_after_false_interruption` (`bots.playout`) trades this the other way: the
@@ -53,6 +60,9 @@ from bots.turn_settings import TurnSettings
 SETTLE_S = 2.0
 #: Frames held for one turn at most; older interim transcripts give way beyond it.
 MAX_HELD = 256
+#: How long before the VAD's start (less its `vad_start_s`) the user's speech may have begun: the
+#: VAD's own lag behind the speech onset, with room for a soft first sound.
+ONSET_MARGIN_S = 0.3
 #: How alike (difflib's ratio) a user word and a word the bot just played must be for the user
 #: word to count as the bot's echo.
 ECHO_SIMILARITY = 0.8
@@ -111,6 +121,8 @@ class BargeInGate(FrameProcessor):
         playout: Paused while a turn is held (`resume_after_false_interruption`), resumed when
             the turn is dropped or stays unconfirmed for `false_interruption_timeout_s`; None:
             the bot goes on speaking until the turn is confirmed.
+        audio_ms: Where the audio arriving now lies on the clock of the ASR's word times
+            (`GrpcSTTService.audio_ms`); None: transcripts count whole.
         **kwargs: Passed to `FrameProcessor`.
     """
 
@@ -119,10 +131,13 @@ class BargeInGate(FrameProcessor):
         turn: TurnSettings,
         recent_bot_words: Callable[[], set[str]] | None = None,
         playout: PlayoutGate | None = None,
+        audio_ms: Callable[[], int] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._turn = turn
+        self._audio_ms = audio_ms
+        self._onset_ms: int | None = None  # the barge-in's start on the ASR's clock
         self._recent_bot_words = recent_bot_words if turn.echo_transcript_filter else None
         self._playout = playout
         self._pause_timer: asyncio.Task[None] | None = None
@@ -165,6 +180,11 @@ class BargeInGate(FrameProcessor):
                 frame, (InterimTranscriptionFrame, TranscriptionFrame, UserStoppedSpeakingFrame)
             ):
                 return
+            if isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)):
+                # A confirmed barge-in's later transcripts: the user's words only.
+                self._keep_users_words(frame)
+                if isinstance(frame, TranscriptionFrame):
+                    self._onset_ms = None
         await self.push_frame(frame, direction)
 
     # ---- the held turn ------------------------------------------------------------------------
@@ -189,6 +209,11 @@ class BargeInGate(FrameProcessor):
             await self.push_frame(frame)
             return
         self._holding = True
+        self._onset_ms = (
+            self._audio_ms() - round(1000 * (self._turn.vad_start_s + ONSET_MARGIN_S))
+            if self._audio_ms is not None
+            else None
+        )
         self._held = [frame]
         self._finals, self._interim = [], ""
         self._stopped = False
@@ -200,11 +225,11 @@ class BargeInGate(FrameProcessor):
     async def _hold(self, frame: Frame) -> bool:
         """Hold `frame` if it belongs to the held turn (and judge the turn by it)."""
         if isinstance(frame, TranscriptionFrame):
-            self._finals.append(frame.text)
+            self._finals.append(self._keep_users_words(frame))
             self._interim = ""
             self._final.set()
         elif isinstance(frame, InterimTranscriptionFrame):
-            self._interim = frame.text
+            self._interim = self._keep_users_words(frame)
         elif isinstance(frame, UserStoppedSpeakingFrame):
             self._stopped = True
             if self._settler is None:
@@ -259,6 +284,7 @@ class BargeInGate(FrameProcessor):
             return
         self._holding = False
         self._discarding = True
+        self._onset_ms = None
         self._held = []
         await self._cancel_timer()
         self.decisions.append((False, len(words), backchannel, echo))
@@ -304,6 +330,25 @@ class BargeInGate(FrameProcessor):
 
     async def _interrupt(self) -> None:
         await self.broadcast_frame(InterruptionFrame)
+
+    def _keep_users_words(self, frame: InterimTranscriptionFrame | TranscriptionFrame) -> str:
+        """The words of `frame` that count for the barge-in; the user's become its text.
+
+        With word times, the user's words are those that end after the barge-in began (the
+        frame's text becomes them, unless there are none), and of those the ones the ASR is at
+        least `barge_in_min_word_confidence` sure of count: what a small ASR makes of a
+        backchannel or a noise ("mm-hm" -> "Bumble.") it is rarely sure of. Without word times
+        (or outside a barge-in) the whole text counts.
+        """
+        words = getattr(frame.result, "words", None)
+        if self._onset_ms is None or not words:
+            return frame.text
+        users = [w for w in words if w.end_ms > self._onset_ms]
+        said = " ".join(w.text.strip() for w in users).strip()
+        if said:
+            frame.text = said
+        least = self._turn.barge_in_min_word_confidence
+        return " ".join(w.text.strip() for w in users if w.confidence >= least).strip()
 
     def _counts(self) -> tuple[list[str], int, int]:
         echo = self._recent_bot_words() if self._recent_bot_words is not None else None

@@ -16,8 +16,11 @@ A processor rather than the transport's `audio_in_filter`: the canceller and its
 made with the pipeline, for any transport, and the far end is at hand there. The module costs
 about 0.25 ms per 10 ms block on a laptop-class CPU, so it runs on the event loop.
 
-Off by default: the browser client asks the browser for echo cancellation (getUserMedia's
-`echoCancellation`), and a headset has no echo to cancel.
+`TurnSettings.echo_cancellation = "auto"` (the default) turns it on where the transport's
+microphone hears its own loudspeaker (`wants_echo_cancellation`), and off where the client cancels
+echo itself: the browser client asks the browser for it (getUserMedia's `echoCancellation`),
+as Daily's clients do. A headset has no echo: with none to learn from, the canceller takes the
+user's speech during the bot's for echo and mutes it, so turn it off there.
 """
 
 from __future__ import annotations
@@ -39,6 +42,25 @@ REFERENCE_SPAN_S = 2.0
 #: transport reports a frame once it has written it, up to one output chunk (40 ms) after its
 #: sound began, and the reference must reach the module no later than its echo does.
 REFERENCE_LAG_S = 0.05
+#: Transports (their modules) whose microphone hears the loudspeaker next to it, with no echo
+#: cancellation of their own: "auto" cancels echo on them.
+ROOM_TRANSPORTS = ("pipecat.transports.local",)
+
+
+def wants_echo_cancellation(setting: str, transport_input: object) -> bool:
+    """Whether the bot cancels echo on `transport_input`, for an `echo_cancellation` setting.
+
+    "auto": on for a transport whose microphone hears its loudspeaker, which it says with a true
+    `hears_its_speaker` attribute or by being one of `ROOM_TRANSPORTS`; off for any other (the
+    browser's WebRTC and Daily cancel echo in the client, WAV files have no room).
+    """
+    if setting != "auto":
+        return setting == "webrtc"
+    if getattr(transport_input, "hears_its_speaker", False):
+        return True
+    return type(transport_input).__module__.startswith(ROOM_TRANSPORTS)
+
+
 #: Two clocks (the speaker's writes, the microphone's samples) further apart than this from the
 #: wall clock are re-anchored to it: a gap in playback, lost frames, drift.
 REANCHOR_S = 0.1

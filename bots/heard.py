@@ -3,9 +3,13 @@
 `GrpcTTSService` sends each word of a reply as its own `TTSTextFrame`, placed in the audio where
 the word starts. The output transport holds such frames in its audio queue and releases them
 when the audio before them has been written out; an interruption drops the ones not yet
-released. So the frames that leave the transport are the words whose start was played (the rule:
-a word counts as heard once its first audio was written, give or take one output chunk of 40 ms),
-and the assistant aggregator after the transport builds the context from exactly those.
+released. So the frames that leave the transport are the words whose start was played. A start
+is not a word, though: the bot's audio stops within about 90 ms of the user's first sound
+(`bots.playout`), often inside a word. So `HeardWords` holds the latest word until it has been
+heard, which is when `HEARD_AFTER_S` of audio after its start has been written, the next word
+starts, or the segment ends; a word still held when the interruption comes was cut short and is
+not in the context. The assistant aggregator after it builds the context from exactly the words
+it lets through.
 
 `HeardWords` sits between the transport and the assistant aggregator. It lets every frame
 through and, when an interruption cuts a reply, says so: a log line with the counts (the text
@@ -22,10 +26,13 @@ from collections.abc import Callable
 from loguru import logger
 from opentelemetry import trace
 from pipecat.frames.frames import (
+    ControlFrame,
     Frame,
     InterruptionFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
+    OutputAudioRawFrame,
+    SystemFrame,
     TTSStartedFrame,
     TTSTextFrame,
 )
@@ -34,6 +41,9 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from bots.tracing import content_on
 from services.runtime.trace_types import ATTR_WORDS_GENERATED, ATTR_WORDS_PLAYED, EVENT_REPLY_CUT
 
+#: A word is heard once this much of the audio from its start has been played (or the next word
+#: started, or its segment ended): about the first syllable and a half of a spoken word.
+HEARD_AFTER_S = 0.2
 #: How long a played word stays "recent" (what an echo of it may still be heard as).
 RECENT_S = 4.0
 #: Most recent words kept (the bound of the buffer, whatever the time says).
@@ -63,6 +73,8 @@ class HeardWords(FrameProcessor):
         self._reply_open = False
         self._after_cut = False  # an interruption passed; no new speech started since
         self._played: list[str] = []
+        self._held: list[Frame] = []  # the latest word and what followed it, until heard
+        self._held_audio_s = 0.0  # audio played since its start
         self._recent: deque[tuple[float, str]] = deque(maxlen=MAX_RECENT_WORDS)
         #: Every cut so far as (words played, words generated), oldest first (tests, benchmark).
         self.cuts: list[tuple[int, int]] = []
@@ -73,9 +85,39 @@ class HeardWords(FrameProcessor):
         return {word for at, word in self._recent if at >= since}
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        """Track the reply; pass every frame on."""
+        """Track the reply; pass every frame on (the latest word once it has been heard)."""
         await super().process_frame(frame, direction)
         if direction == FrameDirection.DOWNSTREAM:
+            if isinstance(frame, InterruptionFrame):
+                self._after_cut = True
+                self._held = []  # cut short: not heard
+                if self._reply_open:
+                    self._reply_open = False
+                    self._report_cut()
+            elif isinstance(frame, TTSTextFrame) and frame.append_to_context:
+                await self._release_held()
+                if self._after_cut:
+                    # Released by the transport as the interruption passed: not part of any
+                    # reply the aggregator still has open, so not of the next one either.
+                    logger.debug(f"{self}: dropped a word released after the interruption")
+                    return
+                self._held, self._held_audio_s = [frame], 0.0
+                # Its echo may reach the microphone from its first sound on: recent at once.
+                now = time.monotonic()
+                self._recent.extend((now, w) for w in normalise(frame.text))
+                return
+            elif isinstance(frame, OutputAudioRawFrame):
+                if self._held:
+                    self._held_audio_s += (
+                        len(frame.audio) / 2 / frame.num_channels / (frame.sample_rate)
+                    )
+                    if self._held_audio_s >= HEARD_AFTER_S:
+                        await self._release_held()
+            elif isinstance(frame, ControlFrame):
+                await self._release_held()  # the segment or reply ends: its last word was heard
+            elif self._held and not isinstance(frame, SystemFrame):
+                self._held.append(frame)  # what the TTS sent with the word goes with it
+                return
             if isinstance(frame, (LLMFullResponseStartFrame, TTSStartedFrame)):
                 self._after_cut = False
                 if isinstance(frame, LLMFullResponseStartFrame):
@@ -83,21 +125,17 @@ class HeardWords(FrameProcessor):
                     self._played = []
             elif isinstance(frame, LLMFullResponseEndFrame):
                 self._reply_open = False
-            elif isinstance(frame, TTSTextFrame) and frame.append_to_context:
-                if self._after_cut:
-                    # Released by the transport as the interruption passed: not part of any
-                    # reply the aggregator still has open, so not of the next one either.
-                    logger.debug(f"{self}: dropped a word released after the interruption")
-                    return
-                self._played.append(frame.text)
-                now = time.monotonic()
-                self._recent.extend((now, word) for word in normalise(frame.text))
-            elif isinstance(frame, InterruptionFrame):
-                self._after_cut = True
-                if self._reply_open:
-                    self._reply_open = False
-                    self._report_cut()
         await self.push_frame(frame, direction)
+
+    async def _release_held(self) -> None:
+        held, self._held = self._held, []
+        if not held:
+            return
+        word = held[0]
+        assert isinstance(word, TTSTextFrame)
+        self._played.append(word.text)
+        for frame in held:
+            await self.push_frame(frame)
 
     def _report_cut(self) -> None:
         played = len("".join(self._played).split())

@@ -31,10 +31,10 @@ from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_turn_processor import UserTurnProcessor
 
 from bots.barge_in import BargeInGate
-from bots.echo import EchoCanceller, EchoReference, PlayedAudio
+from bots.echo import EchoCanceller, EchoReference, PlayedAudio, wants_echo_cancellation
 from bots.heard import HeardWords
 from bots.llm import GrpcChunkedLLMService
-from bots.playout import PlayoutGate
+from bots.playout import PlayoutAck, PlayoutGate
 from bots.rtvi import client_rtvi, observer_params
 from bots.stt import GrpcSTTService
 from bots.tools import BotTools
@@ -91,7 +91,10 @@ def build_services(config: BotConfig) -> Services:
     """The three gRPC adapters for `config`, with the bot's tools unless it turns them off."""
     services = Services(
         stt=GrpcSTTService(
-            target=config.targets.asr, security=config.security, language=config.language
+            target=config.targets.asr,
+            security=config.security,
+            language=config.language,
+            word_timestamps=config.turn.barge_in_gated,
         ),
         llm=GrpcChunkedLLMService(
             target=config.targets.llm,
@@ -113,6 +116,10 @@ def build_services(config: BotConfig) -> Services:
     return services
 
 
+#: The least VAD confidence, start (s) and volume where the bot cancels echo: Pipecat's defaults.
+ECHO_VAD_FLOOR = (0.7, 0.2, 0.6)
+
+
 def build_pipeline(
     config: BotConfig, input: FrameProcessor, output: FrameProcessor
 ) -> tuple[Pipeline, Services]:
@@ -123,12 +130,8 @@ def build_pipeline(
         services.context,
         user_params=LLMUserAggregatorParams(user_turn_strategies=aggregator_turns()),
     )
-    vad = VADParams(
-        confidence=turn.vad_confidence,
-        start_secs=turn.vad_start_s,
-        stop_secs=turn.vad_stop_s,
-        min_volume=turn.vad_min_volume,
-    )
+    cancelling_echo = wants_echo_cancellation(turn.echo_cancellation, input)
+    vad = vad_params(turn, cancelling_echo)
     services.turns = UserTurnProcessor(
         user_turn_strategies=turn_detection(turn), user_idle_timeout=turn.user_idle_s
     )
@@ -138,10 +141,15 @@ def build_pipeline(
         if turn.resume_after_false_interruption:
             services.playout = PlayoutGate()
         services.gate = BargeInGate(
-            turn, recent_bot_words=services.heard.recent_words, playout=services.playout
+            turn,
+            recent_bot_words=services.heard.recent_words,
+            playout=services.playout,
+            audio_ms=services.stt.audio_ms,
         )
     played: list[FrameProcessor] = []
-    if turn.echo_cancellation == "webrtc":
+    if services.playout is not None:
+        played.append(PlayoutAck(services.playout))
+    if cancelling_echo:
         reference = EchoReference()
         services.echo = EchoCanceller(reference)
         played.append(PlayedAudio(reference))
@@ -164,6 +172,24 @@ def build_pipeline(
         ]
     )
     return pipeline, services
+
+
+def vad_params(turn: TurnSettings, cancelling_echo: bool) -> VADParams:
+    """Silero's parameters from the turn settings.
+
+    Where the bot cancels its own echo (a loudspeaker beside the microphone), the start is held
+    to `ECHO_VAD_FLOOR` at least: what the canceller leaves of the bot's voice, above all while
+    it converges at the start of a reply, passes the quick defaults and would pause the bot
+    every few seconds. Headsets and browsers (which cancel echo themselves) keep the quick start.
+    """
+    confidence, start_s, min_volume = turn.vad_confidence, turn.vad_start_s, turn.vad_min_volume
+    if cancelling_echo:
+        confidence = max(confidence, ECHO_VAD_FLOOR[0])
+        start_s = max(start_s, ECHO_VAD_FLOOR[1])
+        min_volume = max(min_volume, ECHO_VAD_FLOOR[2])
+    return VADParams(
+        confidence=confidence, start_secs=start_s, stop_secs=turn.vad_stop_s, min_volume=min_volume
+    )
 
 
 def turns_of(context: LLMContext, role: str) -> list[str]:

@@ -58,6 +58,9 @@ class GrpcSTTService(GrpcCallService[Request, Response], STTService):
         target: The ASR server, e.g. "127.0.0.1:8080".
         language: Language code sent in the recognition config.
         interim_results: Ask the server for interim hypotheses while the user speaks.
+        word_timestamps: Ask for the times of the words (`Transcript.words`), on the clock of
+            the audio sent (`audio_ms`): the barge-in gate counts only the words said since the
+            user started (`bots.barge_in`), not the bot's echo heard before.
         finalize_timeout_s: Longest hold of the user-stopped-speaking frame for the final.
         ready_timeout_s: Deadline for the server's `ready` after the config; past it the call
             counts as stalled and is re-opened.
@@ -74,6 +77,7 @@ class GrpcSTTService(GrpcCallService[Request, Response], STTService):
         target: str,
         language: str = "en",
         interim_results: bool = True,
+        word_timestamps: bool = False,
         finalize_timeout_s: float = 1.0,
         ready_timeout_s: float = 5.0,
         max_pending_audio: int = 100,
@@ -85,6 +89,8 @@ class GrpcSTTService(GrpcCallService[Request, Response], STTService):
         super().__init__(target=target, outbox_size=max_pending_audio, **kwargs)
         self.language = language
         self.interim_results = interim_results
+        self.word_timestamps = word_timestamps
+        self._sent_samples = 0  # audio offered on this call: the clock of its word times
         self.finalize_timeout_s = finalize_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.session_id = ""
@@ -103,7 +109,16 @@ class GrpcSTTService(GrpcCallService[Request, Response], STTService):
         """Queue one audio chunk for the server; results arrive on the reader."""
         if self.connected:
             self._offer(Request(audio=audio))
+            self._sent_samples += len(audio) // 2
         yield None
+
+    def audio_ms(self) -> int:
+        """Milliseconds of audio sent on the current call.
+
+        Where the audio arriving now lies on the clock of the server's word times (a reconnect
+        starts it again at 0).
+        """
+        return 1000 * self._sent_samples // max(1, self.sample_rate)
 
     def _droppable(self, request: Request) -> bool:
         """A slow server loses the oldest audio, never a finalize."""
@@ -175,9 +190,11 @@ class GrpcSTTService(GrpcCallService[Request, Response], STTService):
                     encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
                     language=self.language,
                     interim_results=self.interim_results,
+                    word_timestamps=self.word_timestamps,
                 )
             )
         )
+        self._sent_samples = 0
         ready = await self._read(call, self.ready_timeout_s)
         if ready is grpc.aio.EOF:
             return False

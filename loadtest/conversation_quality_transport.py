@@ -122,6 +122,14 @@ class LoopbackInput(BaseInputTransport):
         self._queue: asyncio.Queue[Spoken] = asyncio.Queue(MAX_QUEUED)
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def hears_its_speaker(self) -> bool:
+        """Whether the bot's own voice reaches this microphone (an echo level was set).
+
+        The bots' "auto" echo cancellation turns on for it (`bots.echo.wants_echo_cancellation`).
+        """
+        return self._echo.gain > 0.0
+
     async def say(self, speech: Speech) -> Spoken:
         """Queue `speech` after what is queued; returns its record, filled as it plays."""
         spoken = Spoken(speech)

@@ -19,18 +19,21 @@ from pipecat.frames.frames import (
     LLMFullResponseStartFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
+    TTSStoppedFrame,
     TTSTextFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from bots.barge_in import BargeInGate, own_words
-from bots.echo import EchoReference
-from bots.heard import HeardWords
-from bots.playout import PlayoutGate
+from bots.echo import EchoReference, wants_echo_cancellation
+from bots.heard import HEARD_AFTER_S, HeardWords
+from bots.playout import PIECE_S, PlayoutAck, PlayoutGate, pieces
 from bots.tts import GrpcTTSService, _Segment
 from bots.turn_settings import (
     DEFAULT_BACKCHANNELS,
@@ -39,7 +42,7 @@ from bots.turn_settings import (
     add_turn_flags,
     flags_to_environment,
 )
-from nemotron.speech.v1 import tts_pb2
+from nemotron.speech.v1 import asr_pb2, tts_pb2
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -90,7 +93,29 @@ def test_the_bots_keep_their_endpointing():
 
     assert (default.turn.vad_stop_s, default.turn.smart_turn) == (0.2, True)
     assert (simple.turn.vad_stop_s, simple.turn.smart_turn) == (0.8, False)
-    assert not default.turn.barge_in_gated and default.turn.echo_cancellation == "off"
+    # The tuned defaults (README, "Conversation quality"): a word confirms a barge-in, the bot
+    # pauses at the VAD's start meanwhile, and echo is cancelled where the transport needs it.
+    assert default.turn.barge_in_gated and default.turn.resume_after_false_interruption
+    assert (default.turn.barge_in_min_words, default.turn.echo_cancellation) == (1, "auto")
+
+
+class _Speakerphone:
+    hears_its_speaker = True
+
+
+class _LocalAudioInput:
+    """Stands in for Pipecat's local audio transport (a microphone beside the speaker)."""
+
+
+_LocalAudioInput.__module__ = "pipecat.transports.local.audio"
+
+
+def test_auto_echo_cancellation_follows_the_transport():
+    assert wants_echo_cancellation("auto", _Speakerphone())
+    assert wants_echo_cancellation("auto", _LocalAudioInput())
+    assert not wants_echo_cancellation("auto", object())  # e.g. the browser's WebRTC
+    assert wants_echo_cancellation("webrtc", object())
+    assert not wants_echo_cancellation("off", _Speakerphone())
 
 
 # ---- what counts as words ----------------------------------------------------------------------
@@ -214,16 +239,29 @@ async def test_an_interruption_reports_the_played_words_of_the_reply():
     heard = HeardWords(lambda: 12)
     played = ["Once", " upon", " a", " time"]
     frames: list[Frame] = [LLMFullResponseStartFrame()]
-    for word in played:
+    for word in [*played, " there"]:
         frame = TTSTextFrame(word, text_type="word")
         frame.includes_inter_frame_spaces = True
-        frames.append(frame)
+        # Each word's audio as the transport writes it, in 40 ms chunks; the bot's audio stops
+        # 40 ms into "there": its start played, but nobody heard the word.
+        chunks = 1 if word == " there" else 3 if word == " a" else 8
+        frames += [frame, *(_audio(40) for _ in range(chunks))]
     late = TTSTextFrame(" late", text_type="word")  # released as the interruption passed
     frames += [SleepFrame(0.1), InterruptionFrame(), SleepFrame(0.1), late]
     down, _up = await run_test(heard, frames_to_send=frames)
     assert heard.cuts == [(4, 12)]
     assert [f.text for f in down if isinstance(f, TTSTextFrame)] == played
     assert {"once", "upon", "time"} <= heard.recent_words()
+
+
+async def test_a_word_goes_on_to_the_context_once_its_first_fifth_of_a_second_played():
+    heard = HeardWords(lambda: 2)
+    word = TTSTextFrame("Hello", text_type="word")
+    frames: list[Frame] = [LLMFullResponseStartFrame(), word, *(_audio(40) for _ in range(6))]
+    down, _up = await run_test(heard, frames_to_send=[*frames, TTSStoppedFrame()])
+    kinds = [type(f) for f in down if isinstance(f, (TTSTextFrame, TTSAudioRawFrame))]
+    assert HEARD_AFTER_S == 0.2
+    assert kinds == [TTSAudioRawFrame] * 4 + [TTSTextFrame] + [TTSAudioRawFrame] * 2
 
 
 # ---- the barge-in gate ---------------------------------------------------------------------------
@@ -302,6 +340,47 @@ async def test_a_turn_while_the_bot_is_silent_interrupts_at_once():
     assert TranscriptionFrame in kinds and gate.decisions == []
 
 
+def _timed(final: bool, *words: tuple[str, int, int, float]) -> Frame:
+    """A transcript with word times (ms on the ASR's clock) and confidences."""
+    result = asr_pb2.Transcript(
+        words=[asr_pb2.Word(text=w, start_ms=a, end_ms=b, confidence=c) for w, a, b, c in words]
+    )
+    text = " ".join(w[0] for w in words)
+    if final:
+        return TranscriptionFrame(text, "user", "now", result=result, finalized=True)
+    return InterimTranscriptionFrame(text, "user", "now", result=result)
+
+
+def _timed_turn(*transcripts: Frame) -> list[Frame]:
+    frames: list[Frame] = [VADUserStartedSpeakingFrame(), UserStartedSpeakingFrame()]
+    for transcript in transcripts:
+        frames += [transcript, SleepFrame(0.05)]
+    return [*frames, VADUserStoppedSpeakingFrame(), UserStoppedSpeakingFrame(), SleepFrame(0.5)]
+
+
+# The ASR's utterance began long before the bot's reply, and it heard the bot's echo at 0-0.8 s;
+# the user starts at about 5 s on its clock (the VAD's start is at 5 s).
+ECHO = (("Once", 0, 400, 0.9), ("upon", 400, 800, 0.9))
+
+
+async def test_only_the_words_said_since_the_barge_in_began_count_and_reach_the_context():
+    frames = _timed_turn(_timed(False, *ECHO), _timed(True, *ECHO))
+    gate, down, _up = await _gate(frames, audio_ms=lambda: 5000)
+    assert gate.decisions == [(False, 0, 0, 0)]  # the echo before the user's start
+    said = (("Stop,", 4800, 5100, 0.9), ("wait.", 5100, 5500, 0.8))
+    frames = _timed_turn(_timed(False, *ECHO, said[0]), _timed(True, *ECHO, *said))
+    gate, down, _up = await _gate(frames, audio_ms=lambda: 5000)
+    assert gate.decisions[0][0] is True
+    assert [f.text for f in down if isinstance(f, TranscriptionFrame)] == ["Stop, wait."]
+
+
+async def test_words_the_asr_is_unsure_of_do_not_stop_the_bot():
+    # What Whisper tiny makes of an "mm-hm": a word it is rarely sure of.
+    frames = _timed_turn(_timed(True, ("Bumble.", 4800, 5300, 0.4)))
+    gate, _down, _up = await _gate(frames, audio_ms=lambda: 5000)
+    assert gate.decisions == [(False, 0, 0, 0)]
+
+
 # ---- the echo reference ------------------------------------------------------------------------
 
 
@@ -346,8 +425,60 @@ async def test_the_playout_paces_pauses_and_resumes_the_reply_losing_nothing():
     frames = [*(_audio(100) for _ in range(8)), SleepFrame(1.6)]
     down, _up = await run_test(playout, frames_to_send=frames)
     await pausing
-    assert sum(isinstance(f, TTSAudioRawFrame) for f in down) == 8
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert sum(len(f.audio) for f in audio) == 8 * 2 * RATE // 10  # every sample, in order
+    assert max(len(f.audio) for f in audio) <= 2 * RATE * PIECE_S  # cut into pieces
     assert len(playout.pauses) == 1 and playout.pauses[0][1] is True
+
+
+def test_long_audio_is_cut_into_pieces_of_the_same_kind():
+    frame = _audio(50)
+    cut = pieces(frame, 0.02)
+    assert [len(p.audio) for p in cut] == [640, 640, 320]
+    assert all(isinstance(p, TTSAudioRawFrame) and p.sample_rate == RATE for p in cut)
+    assert len(pieces(_audio(10), 0.02)) == 1
+
+
+class _LateSpeaker(FrameProcessor):
+    """A test double of an output transport that plays audio at half speed and, like Pipecat's,
+    pushes each frame on once written."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame):
+            await asyncio.sleep(2 * len(frame.audio) / 2 / frame.sample_rate)
+        await self.push_frame(frame, direction)
+
+
+async def test_a_pause_stops_a_late_transport_within_the_lead():
+    playout = PlayoutGate(lead_s=0.05)
+    speaker = _LateSpeaker()
+    written: list[float] = []
+    paused_at: list[float] = []
+
+    async def pause_soon() -> None:
+        await asyncio.sleep(0.6)
+        paused_at.append(asyncio.get_running_loop().time())
+        playout.pause()
+        await asyncio.sleep(0.5)
+        playout.resume()  # (the barge-in gate's timeout would)
+
+    class _Clock(FrameProcessor):
+        async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TTSAudioRawFrame):
+                written.append(asyncio.get_running_loop().time())
+            await self.push_frame(frame, direction)
+
+    pausing = asyncio.create_task(pause_soon())
+    pipeline = Pipeline([playout, speaker, PlayoutAck(playout), _Clock()])
+    await run_test(pipeline, frames_to_send=[_audio(400), SleepFrame(1.2)])
+    await pausing
+    after = [t for t in written if paused_at[0] < t < paused_at[0] + 0.5]
+    # Played on after the pause: the lead and the piece in the speaker, at half speed.
+    assert len(after) * PIECE_S <= 0.05 + 2 * PIECE_S, (len(after), len(written))
+    before = [t for t in written if t <= paused_at[0]]
+    assert len(before) * PIECE_S < 0.4  # in 0.6 s at half speed: the gate waited for it
 
 
 async def test_an_interruption_clears_a_paused_playout():
@@ -376,3 +507,14 @@ async def test_a_pause_with_no_confirming_words_ends_after_the_timeout():
     await run_test(gate, frames_to_send=[*frames, SleepFrame(0.6)])
     assert not playout.paused and len(playout.pauses) == 1
     assert gate.decisions == []  # the turn itself is still undecided
+
+
+def test_the_vad_starts_quickly_unless_the_bot_cancels_its_own_echo():
+    from bots.pipeline import ECHO_VAD_FLOOR, vad_params
+
+    quick = vad_params(TurnSettings(), cancelling_echo=False)
+    assert (quick.confidence, quick.start_secs, quick.min_volume) == (0.6, 0.1, 0.3)
+    speaker = vad_params(TurnSettings(), cancelling_echo=True)
+    assert (speaker.confidence, speaker.start_secs, speaker.min_volume) == ECHO_VAD_FLOOR
+    strict = vad_params(TurnSettings(vad_confidence=0.9), cancelling_echo=True)
+    assert strict.confidence == 0.9  # a stricter setting stands
