@@ -30,6 +30,7 @@ bot's audio pauses at once on the VAD start and resumes if the turn is not confi
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from difflib import SequenceMatcher
@@ -68,6 +69,11 @@ ONSET_MARGIN_S = 0.3
 ECHO_SIMILARITY = 0.8
 
 
+#: A hum of any length counts as a backchannel too, however the ASR spells it ("mmm", "hmm-hmm",
+#: "m-m-m", "uhh", "umm", "ahh"): Whisper writes what it hears of one in many ways.
+HUM = re.compile(r"^(?:[mh]+|u+[hm]+|a+h+)(?:-(?:[mh]+|u+[hm]+))*$")
+
+
 def own_words(
     text: str, backchannels: tuple[str, ...], echo: set[str] | None = None
 ) -> tuple[list[str], int, int]:
@@ -83,6 +89,8 @@ def own_words(
     i = 0
     while i < len(words):
         match = next((p for p in phrases if p and words[i : i + len(p)] == p), None)
+        if match is None and HUM.match(words[i]):
+            match = [words[i]]
         if match is not None:
             backchannel += len(match)
             i += len(match)

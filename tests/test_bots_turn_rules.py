@@ -130,6 +130,8 @@ def test_auto_echo_cancellation_follows_the_transport():
         ("Okay, okay.", 0, 2),
         ("Stop, wait.", 2, 0),
         ("Yeah, but what about Paris?", 4, 1),
+        ("Mmm... hmm-hmm, m-m-m.", 0, 3),
+        ("Umm, what about Rome?", 3, 1),
     ],
 )
 def test_backchannels_do_not_count_as_words(text, own, backchannel):
