@@ -38,7 +38,7 @@ from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import STTService
 from pipecat.utils.time import time_now_iso8601
 
-from bots.grpc_client import trace_metadata
+from bots.grpc_client import refused_field, trace_metadata
 from bots.reconnecting import GrpcCallService
 from bots.tracing import ClientSpans
 from nemotron.speech.v1 import asr_pb2, asr_pb2_grpc, common_pb2
@@ -204,6 +204,21 @@ class GrpcSTTService(GrpcCallService[Request, Response], STTService):
             f"{ready.ready.model}) at {self.target}"
         )
         return True
+
+    async def _on_fault(self, error: grpc.aio.AioRpcError) -> bool:
+        """A server whose backend cannot time words: go on without word times (re-open)."""
+        if (
+            self.word_timestamps
+            and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and refused_field(error) == "config.word_timestamps"
+        ):
+            self.word_timestamps = False
+            logger.warning(
+                f"{self}: the ASR at {self.target} gives no word times ({error.details()}); "
+                "barge-ins count every word of the transcript, echo heard before included"
+            )
+            return True
+        return False
 
     async def _on_response(self, response: Response) -> bool:
         await self._handle(response.transcript)

@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from loguru import logger
 from opentelemetry.trace import Span
 from pipecat.frames.frames import (
@@ -59,7 +57,7 @@ from pipecat.services.settings import ServiceSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from bots.frames import LLMChunkFrame, SegmentCompleteFrame
-from bots.grpc_client import describe, trace_metadata
+from bots.grpc_client import describe, refused_field, trace_metadata
 from bots.reconnecting import GrpcCallService
 from bots.tracing import ClientSpans
 from nemotron.speech.v1 import common_pb2, tts_pb2, tts_pb2_grpc
@@ -314,7 +312,7 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
     async def _on_fault(self, error: grpc.aio.AioRpcError) -> bool:
         """A refused segment fails alone; any other fault ends the session (nothing is spoken)."""
         refused = error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        if not (refused and _refused_field(error).startswith("text.")):
+        if not (refused and refused_field(error).startswith("text.")):
             self._forget_pending()
             return False
         suspects = [s for s in self._pending.values() if s.written and not s.accepted]
@@ -494,17 +492,3 @@ class GrpcTTSService(GrpcCallService[Request, Response]):
             FrameDirection.UPSTREAM,
         )
         self._settle()
-
-
-def _refused_field(error: grpc.aio.AioRpcError) -> str:
-    """The request field a `google.rpc.BadRequest` detail of `error` names ("" if none)."""
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:  # a status whose details disagree with its code: name nothing
-        return ""
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            refused = error_details_pb2.BadRequest()
-            detail.Unpack(refused)
-            return next((str(v.field) for v in refused.field_violations), "")
-    return ""
