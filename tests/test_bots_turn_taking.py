@@ -124,11 +124,13 @@ async def test_after_an_interruption_the_context_holds_the_words_that_were_playe
     assert talk.services.heard is not None
     assert talk.services.heard.cuts[0][0] == len(stored_words)
     # And it is what the user heard: Whisper on the played audio says the same words.
-    heard = transcribe_directly(
-        [float_to_pcm16(resample(pcm16_to_float(heard_pcm), played.sample_rate, 16000))]
-    )[0]
-    # The last stored word is the one in progress (counted once its start played), which the
-    # ASR hears cut off ("friendly" as "friend with"): it is the issue's +/- one word.
+    # Half a second of silence after the cut, as the benchmark's judge has: Whisper tiny
+    # rewrites short audio that stops dead ("a wise and ancient dragon" as "it was an ancient
+    # dress").
+    audio = resample(pcm16_to_float(heard_pcm), played.sample_rate, 16000)
+    heard = transcribe_directly([float_to_pcm16(audio) + bytes(16000)])[0]
+    # The last stored word is the one in progress (stored once 200 ms of it played), which the
+    # ASR may hear cut off ("friendly" as "friend with"): it is the issue's +/- one word.
     assert abs(len(heard.split()) - len(stored_words)) <= 2, (heard, stored)
     whole = len(stored_words) - 1
     assert wer(" ".join(stored_words[:whole]), " ".join(heard.split()[:whole])) <= 0.25, (
