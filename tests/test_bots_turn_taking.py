@@ -24,11 +24,12 @@ from bots.pipeline import BotConfig, build_worker, turns_of
 from bots.turn_settings import TurnSettings
 from bots.wav_transport import WavFileTransport
 from clients.targets import Targets
+from loadtest.conversation_quality_metrics import played_prefix, words
 from loadtest.tts_bench import transcribe_directly
 from services.runtime.audio import float_to_pcm16, pcm16_to_float, resample
 from tests.echo_transport import EchoWavTransport
 from tests.mesh import real_mesh
-from tests.speech import speech_pcm, wer
+from tests.speech import speech_pcm
 from tests.test_bots_pipeline import FrameLog, Seen
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -132,11 +133,11 @@ async def test_after_an_interruption_the_context_holds_the_words_that_were_playe
     # The last stored word is the one in progress (stored once 200 ms of it played), which the
     # ASR may hear cut off ("friendly" as "friend with"): it is the issue's +/- one word.
     assert abs(len(heard.split()) - len(stored_words)) <= 2, (heard, stored)
-    whole = len(stored_words) - 1
-    assert wer(" ".join(stored_words[:whole]), " ".join(heard.split()[:whole])) <= 0.25, (
-        heard,
-        stored,
-    )
+    # Where the heard words end in the generated reply, aligned as the benchmark's context
+    # accuracy aligns them (the prefix of least WER): Whisper tiny mishears a word or two of
+    # Piper's voice ("there lived a" as "they're love the") without moving the cut.
+    heard_prefix = played_prefix(words(generated), words(heard))
+    assert abs(heard_prefix - len(stored_words)) <= 1, (heard, stored, heard_prefix)
 
 
 @pytest.mark.timeout(240)
