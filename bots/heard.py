@@ -38,6 +38,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from bots.playout import duration_s
 from bots.tracing import content_on
 from services.runtime.trace_types import ATTR_WORDS_GENERATED, ATTR_WORDS_PLAYED, EVENT_REPLY_CUT
 
@@ -108,9 +109,7 @@ class HeardWords(FrameProcessor):
                 return
             elif isinstance(frame, OutputAudioRawFrame):
                 if self._held:
-                    self._held_audio_s += (
-                        len(frame.audio) / 2 / frame.num_channels / (frame.sample_rate)
-                    )
+                    self._held_audio_s += duration_s(frame)
                     if self._held_audio_s >= HEARD_AFTER_S:
                         await self._release_held()
             elif isinstance(frame, ControlFrame):
