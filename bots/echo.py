@@ -1,16 +1,24 @@
-"""Acoustic echo cancellation: the bot's played audio is the reference for the microphone's.
+"""Acoustic echo cancellation: the bot's outgoing audio is the reference for the microphone's.
 
 `TurnSettings.echo_cancellation = "webrtc"` puts two processors into the pipeline around one
 `EchoReference`:
 
-- `PlayedAudio`, after the output transport, which pushes every audio frame on once it has
-  written it: each one is the far end, in the order and at the pace it was played.
+- `SpeakerTap`, right before the output transport, which notes every audio frame as it is
+  handed over: the far end, in the order the transport will play it.
 - `EchoCanceller`, right after the input transport (before the VAD and the STT): WebRTC's audio
   processing module (from the `livekit` package) in 10 ms blocks, each block of far end given
   to `process_reverse_stream` just before the microphone's block goes through `process_stream`.
-  Both sides meet on the wall clock (`EchoReference`): each microphone block gets the audio that
-  played at its moment, a fixed 50 ms earlier (what it takes a transport to report a write), and
-  the module's own delay estimator finds the rest of the lag (the playout buffer, the room).
+  Both sides meet on the wall clock (`EchoReference`): each microphone block gets the audio
+  scheduled for its moment, and the module's delay estimator finds the lag (the transport's
+  queue, the device's buffer, the room).
+
+Why before the transport and not after it: the module models echo as the far end it was given,
+delayed; far end that reaches it after its echo is of no use. A transport reports a frame only
+once it has written it, and the report reaches a processor after it through queues on the event
+loop, so on a busy host it came 50-200 ms late, later than the echo of a speaker 60-100 ms from
+the microphone: the echo of those moments went through uncancelled and the VAD took it for the
+user. Handed-over audio is never later than its sound (a transport cannot play what it has not
+been given), only earlier, which the delay estimator absorbs.
 
 A processor rather than the transport's `audio_in_filter`: the canceller and its reference are
 made with the pipeline, for any transport, and the far end is at hand there. The module costs
@@ -26,22 +34,29 @@ user's speech during the bot's for echo and mutes it, so turn it off there.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
 import soxr
 from loguru import logger
-from pipecat.frames.frames import Frame, InputAudioRawFrame, OutputAudioRawFrame, StartFrame
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 
 #: The module's block: it takes exactly 10 ms at a time.
 BLOCK_MS = 10
-#: How much played audio the reference keeps (a ring; the module looks about half a second back).
-REFERENCE_SPAN_S = 2.0
-#: The far end given with a microphone block is what played this long before the block: a
-#: transport reports a frame once it has written it, up to one output chunk (40 ms) after its
-#: sound began, and the reference must reach the module no later than its echo does.
-REFERENCE_LAG_S = 0.05
+#: How much outgoing audio the reference holds ahead of the microphone at most: a reply handed
+#: over faster than it plays (no playout gate) waits here; beyond it, the oldest goes.
+REFERENCE_SPAN_S = 120.0
+#: What a transport may still play of its current chunk after an interruption (Pipecat's output
+#: transports write 40 ms at a time).
+CHUNK_TAIL_S = 0.04
 #: Transports (their modules) whose microphone hears the loudspeaker next to it, with no echo
 #: cancellation of their own: "auto" cancels echo on them.
 ROOM_TRANSPORTS = ("pipecat.transports.local",)
@@ -61,44 +76,45 @@ def wants_echo_cancellation(setting: str, transport_input: object) -> bool:
     return type(transport_input).__module__.startswith(ROOM_TRANSPORTS)
 
 
-#: Two clocks (the speaker's writes, the microphone's samples) further apart than this from the
-#: wall clock are re-anchored to it: a gap in playback, lost frames, drift.
+#: The microphone's clock further than this from the wall clock is re-anchored to it: a gap in
+#: its frames, lost frames, drift.
 REANCHOR_S = 0.1
 
 
 class EchoReference:
-    """The played audio on the wall clock, resampled to the microphone's rate.
+    """The bot's outgoing audio on the wall clock, resampled to the microphone's rate.
 
-    The speaker side writes each played frame where it sounded: consecutive frames one after the
-    other, re-anchored to the wall clock after a gap. The microphone side reads, for each block
-    it cancels, the far end of the same moment `REFERENCE_LAG_S` earlier; the module's delay
-    estimator finds the rest of the lag (the playout buffer, the room). What was never played
-    reads as silence. The ring is bounded (`REFERENCE_SPAN_S`).
+    The speaker side schedules each frame as it is handed to the transport: at the later of now
+    and the end of the frame before (a transport plays its frames back to back, none before it
+    has it). The microphone side reads, for each block it cancels, the far end scheduled for the
+    same moment; what was never handed over reads as silence. An interruption drops what the
+    transport will not play (`interrupted`).
     """
 
-    def __init__(self, lag_s: float = REFERENCE_LAG_S, span_s: float = REFERENCE_SPAN_S) -> None:
-        self.lag_s = lag_s
+    def __init__(self, span_s: float = REFERENCE_SPAN_S) -> None:
         self.span_s = span_s
         self.sample_rate = 0
         self._origin = 0.0
-        self._ring = np.zeros(0, dtype=np.int16)
-        self._next_write: int | None = None  # where the next consecutive frame starts
+        self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (first sample index, samples)
+        self._queued = 0  # samples in _chunks
+        self._next: int | None = None  # where the next frame handed over starts, at the earliest
         self._resamplers: dict[int, soxr.ResampleStream] = {}
-        self.played_samples = 0
+        self.handed_samples = 0
 
     def start(self, sample_rate: int) -> None:
         """Take far end at `sample_rate` (the microphone's) from now on."""
         self.sample_rate = sample_rate
         self._origin = time.perf_counter()
-        self._ring = np.zeros(int(self.span_s * sample_rate), dtype=np.int16)
-        self._next_write = None
+        self._chunks.clear()
+        self._queued = 0
+        self._next = None
 
     def index(self, moment: float) -> int:
         """The sample index of wall-clock `moment` (perf_counter seconds)."""
         return round((moment - self._origin) * self.sample_rate)
 
-    def played(self, audio: bytes, sample_rate: int, ended_at: float | None = None) -> None:
-        """Add audio the transport has just finished writing (16-bit mono at `sample_rate`)."""
+    def handed(self, audio: bytes, sample_rate: int, at: float | None = None) -> None:
+        """Schedule audio handed to the transport at `at` (now) (16-bit mono at `sample_rate`)."""
         if not self.sample_rate or not audio:
             return
         samples = np.frombuffer(audio, dtype=np.int16)
@@ -108,27 +124,46 @@ class EchoReference:
                 resampler = soxr.ResampleStream(sample_rate, self.sample_rate, 1, dtype="int16")
                 self._resamplers[sample_rate] = resampler
             samples = resampler.resample_chunk(samples)
-        ended_at = time.perf_counter() if ended_at is None else ended_at
-        at = self.index(ended_at) - len(samples)
-        if self._next_write is not None and abs(at - self._next_write) < REANCHOR_S * (
-            self.sample_rate
-        ):
-            at = self._next_write
-        self._next_write = at + len(samples)
-        self._put(at, samples[-len(self._ring) :])
-        self.played_samples += len(samples)
+        if not len(samples):
+            return
+        now = self.index(time.perf_counter() if at is None else at)
+        start = now if self._next is None else max(now, self._next)
+        self._chunks.append((start, samples))
+        self._queued += len(samples)
+        self._next = start + len(samples)
+        self.handed_samples += len(samples)
+        limit = int(self.span_s * self.sample_rate)
+        while self._queued > limit and len(self._chunks) > 1:
+            self._queued -= len(self._chunks.popleft()[1])
+
+    def interrupted(self, at: float | None = None) -> None:
+        """The transport dropped what it held: forget what it will not play after `at` (now)."""
+        if not self.sample_rate:
+            return
+        cut = self.index(time.perf_counter() if at is None else at) + round(
+            CHUNK_TAIL_S * self.sample_rate
+        )
+        while self._chunks and self._chunks[-1][0] >= cut:
+            self._queued -= len(self._chunks.pop()[1])
+        if self._chunks:
+            start, samples = self._chunks[-1]
+            if start + len(samples) > cut:
+                self._chunks[-1] = (start, samples[: cut - start])
+                self._queued -= start + len(samples) - cut
+        self._next = None
 
     def read(self, end: int, samples: int) -> np.ndarray:
-        """The far end of microphone samples [end - samples, end), and forget it."""
-        start = end - round(self.lag_s * self.sample_rate) - samples
-        slots = np.arange(start, start + samples) % len(self._ring)
-        block = self._ring[slots].copy()
-        self._ring[slots] = 0  # read once: the ring never replays old audio
+        """The far end of microphone samples [end - samples, end); older audio is forgotten."""
+        start = end - samples
+        block = np.zeros(samples, dtype=np.int16)
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= start:
+            self._queued -= len(self._chunks.popleft()[1])
+        for at, chunk in self._chunks:
+            if at >= end:
+                break
+            lo, hi = max(at, start), min(at + len(chunk), end)
+            block[lo - start : hi - start] = chunk[lo - at : hi - at]
         return block
-
-    def _put(self, at: int, samples: np.ndarray) -> None:
-        slots = np.arange(at, at + len(samples)) % len(self._ring)
-        self._ring[slots] = samples
 
 
 def _audio_processing_module() -> Any:
@@ -146,7 +181,7 @@ class EchoCanceller(FrameProcessor):
     """Cancels the bot's echo in the microphone's audio frames, in place.
 
     Args:
-        reference: Where `PlayedAudio` puts the audio the transport played.
+        reference: Where `SpeakerTap` schedules the audio handed to the transport.
         noise_suppression: Also suppress stationary noise (off: the VAD and ASR are trained on
             noisy audio, and suppression can clip word onsets).
         **kwargs: Passed to `FrameProcessor`.
@@ -195,11 +230,14 @@ class EchoCanceller(FrameProcessor):
         block = sample_rate * BLOCK_MS // 1000
         out = bytearray(audio)
         step = 2 * block
-        # The microphone's own clock: its samples follow one another; the wall clock only
-        # anchors them (at the first frame, and after a gap or drift past REANCHOR_S).
+        # The microphone's own clock: its samples follow one another, anchored to the wall
+        # clock at the first frame and after a gap or drift past REANCHOR_S. Never ahead of the
+        # wall clock: frames queued before the pipeline started (or behind a busy moment) come
+        # in a burst, and counting them on from the first would put the microphone ahead of
+        # the audio handed to the speaker, reading its reference before it is there.
         first = self.reference.index(time.perf_counter()) - len(audio) // 2
         mic_end = self._mic_end if self._mic_end is not None else first
-        if abs(first - mic_end) > REANCHOR_S * sample_rate:
+        if mic_end > first or first - mic_end > REANCHOR_S * sample_rate:
             mic_end = first
         # Whole blocks only: transports deliver 10 or 20 ms frames; a tail (none in practice)
         # passes unchanged rather than shifting the stream.
@@ -217,16 +255,19 @@ class EchoCanceller(FrameProcessor):
         return bytes(out)
 
 
-class PlayedAudio(FrameProcessor):
-    """After the output transport: hands each played audio frame to the echo reference."""
+class SpeakerTap(FrameProcessor):
+    """Before the output transport: schedules each audio frame handed to it in the reference."""
 
     def __init__(self, reference: EchoReference, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.reference = reference
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        """Note played audio; pass everything on."""
+        """Note outgoing audio and interruptions; pass everything on."""
         await super().process_frame(frame, direction)
-        if isinstance(frame, OutputAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
-            self.reference.played(frame.audio, frame.sample_rate)
+        if direction == FrameDirection.DOWNSTREAM:
+            if isinstance(frame, OutputAudioRawFrame):
+                self.reference.handed(frame.audio, frame.sample_rate)
+            elif isinstance(frame, InterruptionFrame):
+                self.reference.interrupted()
         await self.push_frame(frame, direction)

@@ -2,7 +2,8 @@
 
 transport in [-> echo canceller] -> Silero VAD -> turn detection -> GrpcSTTService
   [-> barge-in gate] -> user context -> GrpcChunkedLLMService -> GrpcTTSService [-> playout gate]
-  -> transport out [-> played audio, the echo reference] -> heard words -> assistant context
+  [-> speaker tap, the echo reference] -> transport out [-> playout ack] -> heard words
+  -> assistant context
 
 Unless `BotConfig.tools` is off, the LLM service also runs the bot's local tools (`bots.tools`).
 `BotConfig.turn` (`bots.turn_settings`) holds the endpointing, barge-in and echo settings.
@@ -31,7 +32,7 @@ from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_turn_processor import UserTurnProcessor
 
 from bots.barge_in import BargeInGate
-from bots.echo import EchoCanceller, EchoReference, PlayedAudio, wants_echo_cancellation
+from bots.echo import EchoCanceller, EchoReference, SpeakerTap, wants_echo_cancellation
 from bots.heard import HeardWords
 from bots.llm import GrpcChunkedLLMService
 from bots.playout import PlayoutAck, PlayoutGate
@@ -146,13 +147,13 @@ def build_pipeline(
             playout=services.playout,
             audio_ms=services.stt.audio_ms,
         )
-    played: list[FrameProcessor] = []
+    to_speaker: list[FrameProcessor] = []
     if services.playout is not None:
-        played.append(PlayoutAck(services.playout))
+        to_speaker.append(services.playout)
     if cancelling_echo:
         reference = EchoReference()
         services.echo = EchoCanceller(reference)
-        played.append(PlayedAudio(reference))
+        to_speaker.append(SpeakerTap(reference))
     pipeline = Pipeline(
         [
             input,
@@ -164,9 +165,9 @@ def build_pipeline(
             context.user(),
             services.llm,
             services.tts,
-            *([services.playout] if services.playout is not None else []),
+            *to_speaker,
             output,
-            *played,
+            *([PlayoutAck(services.playout)] if services.playout is not None else []),
             services.heard,
             context.assistant(),
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from bots.barge_in import BargeInGate, own_words
-from bots.echo import EchoReference, wants_echo_cancellation
+from bots.echo import EchoCanceller, EchoReference, wants_echo_cancellation
 from bots.heard import HEARD_AFTER_S, HeardWords
 from bots.playout import PIECE_S, PlayoutAck, PlayoutGate, pieces
 from bots.tts import GrpcTTSService, _Segment
@@ -386,25 +387,76 @@ async def test_words_the_asr_is_unsure_of_do_not_stop_the_bot():
 # ---- the echo reference ------------------------------------------------------------------------
 
 
-def test_the_echo_reference_gives_each_microphone_block_what_played_then_once():
-    reference = EchoReference(lag_s=0.05, span_s=2.0)
+def test_the_echo_reference_schedules_handed_audio_back_to_back_from_its_handover():
+    reference = EchoReference()
     reference.start(RATE)
     origin = reference.index(0.0) * -1 / RATE  # the reference's own time zero
     tone = (8000 * np.sin(np.arange(24000) / 24000 * 2 * np.pi * 440)).astype(np.int16)
-    # One second at 24 kHz that finished playing at t = 1.5 s: it sounded over 0.5..1.5 s.
-    reference.played(tone.tobytes(), 24000, ended_at=origin + 1.5)
-    assert reference.played_samples > 0.95 * RATE  # (the resampler holds a few back)
+    # One second at 24 kHz handed over at t = 0.5 s, in two frames: it plays over 0.5..1.5 s.
+    reference.handed(tone[:12000].tobytes(), 24000, at=origin + 0.5)
+    reference.handed(tone[12000:].tobytes(), 24000, at=origin + 0.6)  # queued behind the first
+    assert reference.handed_samples > 0.95 * RATE  # (the resampler holds a few back)
 
     def block(mic_end_s: float) -> np.ndarray:
         return reference.read(round(mic_end_s * RATE), 160)
 
-    assert not block(0.5).any()  # before the tone (plus the lag): silence
-    assert block(1.0).any()  # the tone, as played 50 ms before the block
-    assert not block(1.0).any()  # read once, then forgotten
-    assert not block(1.6).any()  # after the tone and its lag
-    # A frame that follows on is placed right after the one before, whatever its arrival says.
-    reference.played(tone[:2400].tobytes(), 24000, ended_at=origin + 1.62)
-    assert block(1.55 + 0.05 + 0.01).any()
+    assert not block(0.5).any()  # before the handover: silence
+    assert block(0.6).any() and block(1.2).any()  # the tone, where it plays
+    assert not block(0.7).any()  # audio the microphone has passed is forgotten
+    assert not block(1.7).any()  # after it
+    # Handed over after a gap: from the handover, not right after the audio before.
+    reference.handed(tone[:2400].tobytes(), 24000, at=origin + 2.0)
+    assert not block(1.95).any() and block(2.05).any()
+
+
+def test_an_interruption_drops_the_reference_the_transport_will_not_play():
+    reference = EchoReference()
+    reference.start(RATE)
+    origin = reference.index(0.0) * -1 / RATE
+    tone = np.full(RATE * 2, 8000, dtype=np.int16)
+    reference.handed(tone.tobytes(), RATE, at=origin + 1.0)  # plays over 1.0..3.0 s
+    reference.interrupted(at=origin + 1.5)
+    assert reference.read(round(1.52 * RATE), 160).any()  # the chunk in the transport plays on
+    assert not reference.read(round(1.6 * RATE), 160).any()
+    assert not reference.read(round(2.5 * RATE), 160).any()
+    reference.handed(tone[:RATE].tobytes(), RATE, at=origin + 2.0)  # the next reply: from now
+    assert reference.read(round(2.1 * RATE), 160).any()
+
+
+def test_the_canceller_removes_the_echo_of_handed_audio_with_microphone_frames_in_bursts():
+    # The microphone's frames come in bursts (five at once, as after the pipeline's start or a
+    # busy moment); the speaker gets its audio 40 ms before it plays, and the room returns it
+    # 60 ms later at -10 dB. Counted on from the first burst, the microphone ran ahead of the
+    # wall clock and read the reference before it was handed over: no echo was cancelled.
+    reference = EchoReference()
+    canceller = EchoCanceller(reference)
+    canceller._start(RATE)
+    rng = np.random.default_rng(7)
+    far = (3000 * np.convolve(rng.standard_normal(3 * RATE), np.ones(4) / 4, "same")).astype(
+        np.int16
+    )
+    frame, burst = RATE // 50, 5  # 20 ms frames, five at a time
+    lead, delay = RATE * 40 // 1000, RATE * 60 // 1000  # handed -> played -> heard
+    gain = 10 ** (-10 / 20)
+    begun = time.perf_counter()
+    handed = 0
+    converged: list[tuple[float, float]] = []  # (echo, what is left of it) after 2 s
+    for burst_at in range(0, len(far) - burst * frame, burst * frame):
+        while handed < burst_at + burst * frame + lead:  # the speaker is handed its audio
+            reference.handed(far[handed : handed + frame].tobytes(), RATE)
+            handed += frame
+        time.sleep(max(0.0, begun + (burst_at + burst * frame) / RATE - time.perf_counter()))
+        for at in range(burst_at, burst_at + burst * frame, frame):
+            source = np.arange(at, at + frame) - lead - delay  # what sounds in these samples
+            echo = np.where(source >= 0, gain * far[np.maximum(source, 0)], 0.0)
+            mic = echo.astype(np.int16).tobytes()
+            out = np.frombuffer(canceller._cancel(mic, RATE, 1), dtype=np.int16)
+            if at > 2 * RATE:
+                converged.append((float(np.mean(echo**2)), float(np.mean(out.astype(float) ** 2))))
+    echo_power = sum(e for e, _ in converged)
+    left_power = sum(o for _, o in converged)
+    assert canceller.blocks > 250
+    assert 10 * np.log10(echo_power / max(left_power, 1.0)) > 15  # dB of echo taken out
 
 
 # ---- pause and resume ----------------------------------------------------------------------------
