@@ -37,6 +37,8 @@ from typing import Any
 import torch  # type: ignore[import-not-found, unused-ignore]
 from omegaconf import OmegaConf  # type: ignore[import-not-found, unused-ignore]
 
+from services.asr.backends.parakeet_config import streaming_rnnt_config
+
 #: Right attention contexts of the 0.6B (transformers' NemotronAsrStreamingProcessor
 #: DEFAULT_NUM_LOOKAHEAD_TOKENS = [13, 6, 1, 0]; NeMo cache_aware_streaming configs'
 #: multi-lookahead example [[70,13],[70,6],[70,1],[70,0]]).
@@ -55,91 +57,23 @@ def asr_config(small: bool) -> dict[str, Any]:
     # context 70 + 1, 2 LSTM layers of 640, vocab 1025 with blank 1024); the encoder caches of
     # the exported model, [24, B, 70, 1024] and [24, B, 1024, 8] (parakeet-rs model_nemotron.rs);
     # NeMo examples/asr/conf/fastconformer/cache_aware_streaming/
-    # fastconformer_transducer_bpe_streaming.yaml for every other encoder/decoder setting.
-    hidden, layers, heads, pred, channels, vocab = (
-        (32, 2, 2, 32, 16, 28) if small else (1024, 24, 8, 640, 256, ASR_VOCAB)
+    # fastconformer_transducer_bpe_streaming.yaml for every other encoder/decoder setting, and its
+    # greedy decoding (max_symbols 10). The 80 mel features (`FEATURES`) are transformers' default
+    # num_mel_bins for the checkpoint (the multilingual 3.5 sibling uses 128); they size only the
+    # subsampling's input projection.
+    vocab = 28 if small else ASR_VOCAB
+    return streaming_rnnt_config(
+        labels=[chr(0x4E00 + i) for i in range(vocab)],  # distinct one-character labels
+        hidden=32 if small else 1024,
+        layers=2 if small else 24,
+        heads=2 if small else 8,
+        ff_expansion=4,
+        subsampling_channels=16 if small else 256,
+        pred_hidden=32 if small else 640,
+        pred_layers=1 if small else 2,
+        att_contexts=ASR_CONTEXTS,
+        max_symbols=10,
     )
-    # 80 mel features: transformers' default num_mel_bins for the checkpoint (the multilingual
-    # 3.5 sibling uses 128); it sizes only the subsampling's input projection.
-    features = 80
-    labels = [chr(0x4E00 + i) for i in range(vocab)]  # distinct one-character labels
-    return {
-        "sample_rate": 16000,
-        "labels": labels,
-        "model_defaults": {"enc_hidden": hidden, "pred_hidden": pred, "joint_hidden": pred},
-        "preprocessor": {
-            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-            "sample_rate": 16000,
-            "normalize": "NA",
-            "window_size": 0.025,
-            "window_stride": 0.01,
-            "window": "hann",
-            "features": features,
-            "n_fft": 512,
-            "log": True,
-            "frame_splicing": 1,
-            "dither": 0.0,
-            "pad_to": 0,
-            "pad_value": 0.0,
-        },
-        "encoder": {
-            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
-            "feat_in": features,
-            "feat_out": -1,
-            "n_layers": layers,
-            "d_model": hidden,
-            "subsampling": "dw_striding",
-            "subsampling_factor": 8,
-            "subsampling_conv_channels": channels,
-            "causal_downsampling": True,
-            "ff_expansion_factor": 4,
-            "self_attention_model": "rel_pos",
-            "n_heads": heads,
-            "att_context_size": ASR_CONTEXTS,
-            "att_context_style": "chunked_limited",
-            "xscaling": True,
-            "untie_biases": True,
-            "pos_emb_max_len": 5000,
-            "conv_kernel_size": 9,
-            "conv_norm_type": "layer_norm",
-            "conv_context_size": "causal",
-            "dropout": 0.0,
-            "dropout_pre_encoder": 0.0,
-            "dropout_emb": 0.0,
-            "dropout_att": 0.0,
-        },
-        "decoder": {
-            "_target_": "nemo.collections.asr.modules.RNNTDecoder",
-            "normalization_mode": None,
-            "random_state_sampling": False,
-            "blank_as_pad": True,
-            "vocab_size": vocab,
-            "prednet": {
-                "pred_hidden": pred,
-                "pred_rnn_layers": 1 if small else 2,
-                "t_max": None,
-                "dropout": 0.0,
-            },
-        },
-        "joint": {
-            "_target_": "nemo.collections.asr.modules.RNNTJoint",
-            "log_softmax": None,
-            "preserve_memory": False,
-            "fuse_loss_wer": False,
-            "num_classes": vocab,
-            "vocabulary": labels,
-            "jointnet": {
-                "encoder_hidden": hidden,
-                "pred_hidden": pred,
-                "joint_hidden": pred,
-                "activation": "relu",
-                "dropout": 0.0,
-            },
-        },
-        # The config files' greedy decoding (max_symbols 10); the backend picks the decoder.
-        "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": 10}},
-        "loss": {"loss_name": "default"},
-    }
 
 
 def build_asr_model(small: bool, seed: int = 0) -> Any:

@@ -50,6 +50,7 @@ from services.asr.backends.parakeet import (
     greedy_decoding,
 )
 from services.asr.backends.parakeet_batcher import Step, StepBatcher
+from services.asr.backends.parakeet_config import streaming_rnnt_config
 from services.asr.backends.parakeet_stream import Chunk, IncrementalFeatures
 
 pytestmark = [
@@ -68,78 +69,18 @@ CONTEXTS = [[70, 0], [70, 1], [70, 6], [70, 13]]
 
 def tiny_model_config() -> dict[str, Any]:
     """A 2-layer cache-aware FastConformer-RNNT with the real model's streaming layout."""
-    hidden = 32
-    return {
-        "sample_rate": 16000,
-        "labels": LABELS,
-        "model_defaults": {"enc_hidden": hidden, "pred_hidden": hidden},
-        "preprocessor": {
-            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-            "sample_rate": 16000,
-            "normalize": "NA",
-            "window_size": 0.025,
-            "window_stride": 0.01,
-            "window": "hann",
-            "features": 80,
-            "n_fft": 512,
-            "log": True,
-            "frame_splicing": 1,
-            "dither": 0.0,
-            "pad_to": 0,
-            "pad_value": 0.0,
-        },
-        "encoder": {
-            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
-            "feat_in": 80,
-            "feat_out": -1,
-            "n_layers": 2,
-            "d_model": hidden,
-            "subsampling": "dw_striding",
-            "subsampling_factor": 8,
-            "subsampling_conv_channels": 16,
-            "causal_downsampling": True,
-            "ff_expansion_factor": 2,
-            "self_attention_model": "rel_pos",
-            "n_heads": 2,
-            "att_context_size": CONTEXTS,
-            "att_context_style": "chunked_limited",
-            "xscaling": True,
-            "untie_biases": True,
-            "pos_emb_max_len": 5000,
-            "conv_kernel_size": 9,
-            "conv_norm_type": "layer_norm",
-            "conv_context_size": "causal",
-            "dropout": 0.0,
-            "dropout_pre_encoder": 0.0,
-            "dropout_emb": 0.0,
-            "dropout_att": 0.0,
-        },
-        "decoder": {
-            "_target_": "nemo.collections.asr.modules.RNNTDecoder",
-            "normalization_mode": None,
-            "random_state_sampling": False,
-            "blank_as_pad": True,
-            "vocab_size": len(LABELS),
-            "prednet": {"pred_hidden": hidden, "pred_rnn_layers": 1, "t_max": None, "dropout": 0.0},
-        },
-        "joint": {
-            "_target_": "nemo.collections.asr.modules.RNNTJoint",
-            "log_softmax": None,
-            "preserve_memory": False,
-            "fuse_loss_wer": False,
-            "num_classes": len(LABELS),
-            "vocabulary": LABELS,
-            "jointnet": {
-                "encoder_hidden": hidden,
-                "pred_hidden": hidden,
-                "joint_hidden": hidden,
-                "activation": "relu",
-                "dropout": 0.0,
-            },
-        },
-        "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": 3}},
-        "loss": {"loss_name": "default"},
-    }
+    return streaming_rnnt_config(
+        labels=LABELS,
+        hidden=32,
+        layers=2,
+        heads=2,
+        ff_expansion=2,
+        subsampling_channels=16,
+        pred_hidden=32,
+        pred_layers=1,
+        att_contexts=CONTEXTS,
+        max_symbols=3,
+    )
 
 
 @pytest.fixture(scope="module")
