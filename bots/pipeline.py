@@ -179,12 +179,14 @@ def vad_params(turn: TurnSettings, cancelling_echo: bool) -> VADParams:
     """Silero's parameters from the turn settings.
 
     Where the bot cancels its own echo (a loudspeaker beside the microphone), the start is held
-    to `ECHO_VAD_FLOOR` at least: what the canceller leaves of the bot's voice, above all while
-    it converges at the start of a reply, passes the quick defaults and would pause the bot
-    every few seconds. Headsets and browsers (which cancel echo themselves) keep the quick start.
+    to `ECHO_VAD_FLOOR` at least, unless `TurnSettings.echo_vad_floor` is off: what the
+    canceller leaves of the bot's voice passes the quick defaults now and then, and Whisper
+    makes words of it that confirm a false barge-in (2 per 10 min at -20 and at -10 dB without
+    the floor, none with it). Headsets and browsers (which cancel echo themselves) keep the
+    quick start.
     """
     confidence, start_s, min_volume = turn.vad_confidence, turn.vad_start_s, turn.vad_min_volume
-    if cancelling_echo:
+    if cancelling_echo and turn.echo_vad_floor:
         confidence = max(confidence, ECHO_VAD_FLOOR[0])
         start_s = max(start_s, ECHO_VAD_FLOOR[1])
         min_volume = max(min_volume, ECHO_VAD_FLOOR[2])

@@ -13,7 +13,7 @@ Endpointing (when the user's turn ends):
         pauses the bot 110-140 ms after its onset instead of 310-560 ms (the test set's voices),
         and a start that was no barge-in only pauses the bot (see below). Where the bot cancels
         its own echo (a loudspeaker), the start is held to Pipecat's thresholds at least
-        (`bots.pipeline.ECHO_VAD_FLOOR`): the canceller's residual passes the quick ones.
+        (`echo_vad_floor`).
     smart_turn: SmartTurn v3 judges at each VAD pause whether the user is done; off: the VAD
         stop ends the turn.
     smart_turn_stop_s: SmartTurn's own fallback: this much silence ends the turn whatever the
@@ -48,6 +48,11 @@ Barge-in (when the user's speech stops the bot; see `bots.barge_in`):
         browser client over WebRTC, Daily) or there is no room (WAV files). Turn it off for a
         headset: with no echo to learn from, the canceller also mutes the user's speech while
         the bot talks, and barge-ins are missed.
+    echo_vad_floor: where the bot cancels its own echo, the VAD's start is held to Pipecat's
+        thresholds at least (`bots.pipeline.ECHO_VAD_FLOOR`: 0.7, 0.2 s, 0.6): the canceller's
+        residual passes the quick ones now and then. Off: a barge-in on a loudspeaker stops the
+        bot as quickly as on a headset, for a false barge-in from the bot's own voice every few
+        minutes (the README's conversation quality figures).
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ class TurnSettings:
     false_interruption_timeout_s: float = 1.5
     echo_transcript_filter: bool = True
     echo_cancellation: str = "auto"
+    echo_vad_floor: bool = True
 
     def __post_init__(self) -> None:
         """Refuse values no bot could run with, naming the setting."""

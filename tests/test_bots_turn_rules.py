@@ -572,3 +572,5 @@ def test_the_vad_starts_quickly_unless_the_bot_cancels_its_own_echo():
     assert (speaker.confidence, speaker.start_secs, speaker.min_volume) == ECHO_VAD_FLOOR
     strict = vad_params(TurnSettings(vad_confidence=0.9), cancelling_echo=True)
     assert strict.confidence == 0.9  # a stricter setting stands
+    unfloored = vad_params(TurnSettings(echo_vad_floor=False), cancelling_echo=True)
+    assert (unfloored.confidence, unfloored.start_secs, unfloored.min_volume) == (0.6, 0.1, 0.3)
