@@ -42,11 +42,11 @@ Barge-in (when the user's speech stops the bot; see `bots.barge_in`):
     echo_transcript_filter: user words that repeat what the bot is saying right now are taken
         for its own voice heard back, not for the user's.
     echo_cancellation: "webrtc": WebRTC's acoustic echo canceller on the microphone, with the
-        bot's played audio as the reference (`bots.echo`); "off"; or "auto" (the default):
-        webrtc where the transport's microphone hears its loudspeaker (Pipecat's local audio
-        transport, the benchmark's loopback), off where the client cancels echo itself (the
-        browser client over WebRTC, Daily) or there is no room (WAV files). Turn it off for a
-        headset: with no echo to learn from, the canceller also mutes the user's speech while
+        audio the bot hands its speaker as the reference (`bots.echo`); "off"; or "auto" (the
+        default): webrtc where the transport's microphone hears its loudspeaker (Pipecat's local
+        audio transport, the benchmark's loopback), off where the client cancels echo itself
+        (the browser client over WebRTC, Daily) or there is no room (WAV files). Turn it off for
+        a headset: with no echo to learn from, the canceller also mutes the user's speech while
         the bot talks, and barge-ins are missed.
     echo_vad_floor: where the bot cancels its own echo, the VAD's start is held to Pipecat's
         thresholds at least (`bots.pipeline.ECHO_VAD_FLOOR`: 0.7, 0.2 s, 0.6): the canceller's
