@@ -76,9 +76,11 @@ def wants_echo_cancellation(setting: str, transport_input: object) -> bool:
     return type(transport_input).__module__.startswith(ROOM_TRANSPORTS)
 
 
-#: The microphone's clock further than this from the wall clock is re-anchored to it: a gap in
-#: its frames, lost frames, drift.
-REANCHOR_S = 0.1
+#: The microphone's clock this far behind the wall clock is re-anchored to it: a gap in its
+#: frames (a muted or paused transport), not a busy moment. Frames held up by a busy event loop
+#: (200 ms and more on a loaded host) come in a burst later; they were captured back then, and
+#: moving the clock forward for them shifted every block after it against its far end.
+MIC_GAP_S = 1.0
 
 
 class EchoReference:
@@ -231,13 +233,13 @@ class EchoCanceller(FrameProcessor):
         out = bytearray(audio)
         step = 2 * block
         # The microphone's own clock: its samples follow one another, anchored to the wall
-        # clock at the first frame and after a gap or drift past REANCHOR_S. Never ahead of the
-        # wall clock: frames queued before the pipeline started (or behind a busy moment) come
-        # in a burst, and counting them on from the first would put the microphone ahead of
-        # the audio handed to the speaker, reading its reference before it is there.
+        # clock at the first frame and after a gap (MIC_GAP_S). Never ahead of the wall clock:
+        # a frame cannot have been captured after it arrived, and a clock anchored on a late
+        # first frame (frames queued before the pipeline started) would read the far end
+        # before it is handed over.
         first = self.reference.index(time.perf_counter()) - len(audio) // 2
         mic_end = self._mic_end if self._mic_end is not None else first
-        if mic_end > first or first - mic_end > REANCHOR_S * sample_rate:
+        if mic_end > first or first - mic_end > MIC_GAP_S * sample_rate:
             mic_end = first
         # Whole blocks only: transports deliver 10 or 20 ms frames; a tail (none in practice)
         # passes unchanged rather than shifting the stream.
