@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 from riva.proto import riva_asr_pb2, riva_asr_pb2_grpc
@@ -49,6 +49,8 @@ Result = riva_asr_pb2.StreamingRecognitionResult
 
 class RivaAsrServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
     """Riva's speech recognition API in front of an ASR `MeshService`'s backend."""
+
+    service_name: ClassVar[str] = SERVICE_NAME
 
     def __init__(self, service: MeshService[AsrSettings, AsrBackend]) -> None:
         self.service = service

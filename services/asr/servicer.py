@@ -20,7 +20,6 @@ from services.asr.backend import (
     StreamOptions,
 )
 from services.asr.feed import UtteranceFeed
-from services.asr.riva import SERVICE_NAME as RIVA_SERVICE_NAME
 from services.asr.riva import RivaAsrServicer
 from services.asr.settings import AsrSettings
 from services.runtime import trace_types as names
@@ -64,15 +63,8 @@ class AsrService(MeshService[AsrSettings, AsrBackend], asr_pb2_grpc.AsrServiceSe
     telemetry_name = "nemotron-asr"
     add_to_server = staticmethod(asr_pb2_grpc.add_AsrServiceServicer_to_server)
 
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add this service and, on the same port, Riva's speech recognition API."""
-        super().register(server)
-        RivaAsrServicer(self).register(server)
-
-    @property
-    def service_names(self) -> tuple[str, ...]:
-        """The v1 service and Riva's."""
-        return (self.service_name, RIVA_SERVICE_NAME)
+    #: Riva's speech recognition API, on the same port.
+    companions = (RivaAsrServicer,)
 
     @rpc_errors
     async def StreamingRecognize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import grpc
 
@@ -17,6 +17,19 @@ from services.runtime.telemetry import Telemetry
 
 SettingsT = TypeVar("SettingsT", bound=ServerSettings)
 BackendT = TypeVar("BackendT", bound=Backend[Any])
+
+
+class Companion(Protocol):
+    """Another API served over a `MeshService`'s backend and limits (Riva's, beside ours)."""
+
+    #: Its fully qualified gRPC service name, for health and reflection.
+    service_name: ClassVar[str]
+
+    def __init__(self, service: Any) -> None:
+        """Serve over `service` (a `MeshService`)."""
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add it to `server`."""
 
 
 class MeshService(ABC, Generic[SettingsT, BackendT]):
@@ -35,6 +48,8 @@ class MeshService(ABC, Generic[SettingsT, BackendT]):
 
     #: The generated function that adds this servicer to a server.
     add_to_server: Callable[[Any, grpc.aio.Server], None]
+    #: The other APIs served on the same port over this service (each built with it).
+    companions: ClassVar[tuple[type[Companion], ...]] = ()
 
     def __init__(self, settings: SettingsT, backend: BackendT) -> None:
         self.settings = settings
@@ -45,17 +60,15 @@ class MeshService(ABC, Generic[SettingsT, BackendT]):
         self.telemetry = Telemetry()
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Add the servicer to `server` (overrides also add their `service_names` companions)."""
+        """Add the servicer and its companions to `server`."""
         type(self).add_to_server(self, server)
+        for companion in self.companions:
+            companion(self).register(server)
 
     @property
     def service_names(self) -> tuple[str, ...]:
-        """Every gRPC service `register` adds, for health and reflection: this one by default.
-
-        A service that also serves another API over the same backend and limits (the ASR and
-        TTS servers' Riva-compatible API) overrides `register` and lists those services here.
-        """
-        return (self.service_name,)
+        """Every gRPC service `register` adds, for health and reflection."""
+        return (self.service_name, *(c.service_name for c in self.companions))
 
     async def load(self) -> None:
         """Load and warm up the model; called once after the server starts listening."""

@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import ClassVar
 
 import grpc
 import numpy as np
@@ -60,6 +61,8 @@ class _Call:
 
 class RivaTtsServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
     """Riva's speech synthesis API in front of a TTS `MeshService`'s backend."""
+
+    service_name: ClassVar[str] = SERVICE_NAME
 
     def __init__(self, service: MeshService[TtsSettings, TtsBackend]) -> None:
         self.service = service

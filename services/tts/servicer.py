@@ -18,7 +18,6 @@ from services.runtime.protocol import first_request_required
 from services.runtime.service import MeshService
 from services.runtime.streams import Duplex
 from services.tts.backend import TtsBackend, pick_voice
-from services.tts.riva import SERVICE_NAME as RIVA_SERVICE_NAME
 from services.tts.riva import RivaTtsServicer
 from services.tts.session import CallConfig, Request, Response, SynthesisSession
 from services.tts.settings import TtsSettings
@@ -42,15 +41,8 @@ class TtsService(MeshService[TtsSettings, TtsBackend], tts_pb2_grpc.TtsServiceSe
     telemetry_name = "nemotron-tts"
     add_to_server = staticmethod(tts_pb2_grpc.add_TtsServiceServicer_to_server)
 
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add this service and, on the same port, Riva's speech synthesis API."""
-        super().register(server)
-        RivaTtsServicer(self).register(server)
-
-    @property
-    def service_names(self) -> tuple[str, ...]:
-        """The v1 service and Riva's."""
-        return (self.service_name, RIVA_SERVICE_NAME)
+    #: Riva's speech synthesis API, on the same port.
+    companions = (RivaTtsServicer,)
 
     @rpc_errors
     async def Synthesize(
