@@ -248,19 +248,24 @@ async def test_decode_pool_runs_finals_before_interims_one_at_a_time():
     pool.close()
 
 
-def test_utterance_buffer_is_bounded_and_gates_silence():
+def test_utterance_buffer_is_bounded_trims_leading_silence_and_gates_silence():
     buffer = UtteranceAudio(capacity_s=1.0)
     buffer.append(np.zeros(8000, dtype=np.float32))
-    assert not buffer.voiced
+    # Silence before any speech is kept to the 0.3 s pre-roll; the clock keeps what went.
+    assert not buffer.voiced and len(buffer) == 4800 and buffer.offset_ms == 200
     loud = (0.3 * np.ones(3200)).astype(np.float32)
     buffer.append(loud)
-    assert buffer.voiced and buffer.voiced_end == 11200
-    buffer.append(np.zeros(8000, dtype=np.float32))  # overflows: the oldest audio goes
-    assert len(buffer) == 16000 and buffer.dropped == 3200
+    assert buffer.voiced and buffer.voiced_end == 8000 and buffer.offset_ms == 200
+    buffer.append(np.zeros(11200, dtype=np.float32))  # overflows: the oldest audio goes
+    assert len(buffer) == 16000 and buffer.dropped == 3200 and buffer.voiced_end == 4800
     # Settled once a decode reaches 150 ms past the last voiced frame (or the end of the audio).
-    assert buffer.settled(10400) and not buffer.settled(10399) and not buffer.settled(8000)
+    assert buffer.settled(7200) and not buffer.settled(7199) and not buffer.settled(4800)
     buffer.clear()
-    assert len(buffer) == 0 and not buffer.voiced
+    assert len(buffer) == 0 and not buffer.voiced and buffer.offset_ms == 0
+    # Silence and speech in one chunk: the speech is kept with its pre-roll from the 20 ms
+    # frame it starts in.
+    buffer.append(np.concatenate([np.zeros(12010, dtype=np.float32), loud]))
+    assert buffer.trimmed == 12010 // 320 * 320 - 4800 and buffer.voiced_end == len(buffer)
 
 
 def test_final_audio_is_the_same_however_long_the_pause():
@@ -511,6 +516,26 @@ async def test_words_with_times_inside_each_utterance_when_asked(stub, rate):
         assert 300 <= lead <= 1200, lead
         assert final.words[-1].end_ms > final.words[0].start_ms + 500
     assert done[1].words[0].start_ms >= done[0].audio_end_ms
+
+
+@pytest.mark.timeout(120)
+async def test_words_after_a_long_silence_are_timed_where_they_were_said(stub):
+    # A microphone streams all along: the utterance holds 4 s of silence (the bot's reply, on a
+    # headset) before the user speaks. Whisper spread the words over that silence, seconds early.
+    speech = speech_pcm(WEATHER)
+    samples = pcm16_to_float(speech)
+    onset_ms = 4000 + 1000 * int(np.flatnonzero(np.abs(samples) > 0.02)[0]) / 16000
+    requests = [
+        config(interim=True, words=True),
+        *audio(silence_pcm(4.0) + speech),
+        finalize("u1"),
+    ]
+    results = transcripts(await read_all(stub.StreamingRecognize(paced(requests))))
+    timed = [t for t in results if t.words]
+    assert timed and timed[-1].is_final
+    for transcript in timed:
+        check_words(transcript)
+        assert transcript.words[0].start_ms >= onset_ms - 400, (onset_ms, transcript.words[0])
 
 
 async def test_no_words_unless_asked(stub):

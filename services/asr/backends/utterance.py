@@ -6,6 +6,13 @@ than memory growing. The energy gate marks where the last voiced 20 ms frame end
 recognizer that an utterance is silence only (answer empty text, no decode that could
 hallucinate), that audio after a decoded prefix is silence (the prefix's text still holds), and
 what a final decode should hear (`final_snapshot`): the speech, then a fixed amount of silence.
+
+Silence before the utterance's first voiced frame is trimmed to `PREROLL_S`: a client streams
+its microphone all along, so an utterance that begins at the last finalize holds seconds of
+silence (the bot's reply, on a headset) before the speech. Whisper spreads a short phrase's words
+over that silence (their times came out seconds early: "What is it?" over 2.8-5.9 s for speech
+at 5.6-6.4 s) and decodes it again at every interim. Times stay on the utterance's clock: a
+recognizer adds `offset_ms` to the times of what it decodes.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ SILENCE_RMS = 0.005
 #: hears another word ("friends").
 SETTLE_S = 0.15
 _FRAME_S = 0.02
+#: Silence kept before the first voiced frame: the soft onset of a first word, and the lead-in
+#: Whisper expects.
+PREROLL_S = 0.3
 
 
 class UtteranceAudio:
@@ -37,6 +47,8 @@ class UtteranceAudio:
         self._size = 0
         self.dropped = 0  # samples dropped from the front after an overflow
         self.voiced_end = 0  # end of the last voiced frame, in samples of the buffer
+        self.trimmed = 0  # samples of leading silence trimmed: where the buffer starts
+        self._preroll = round(PREROLL_S * sample_rate_hz)
 
     def __len__(self) -> int:
         return self._size
@@ -45,6 +57,11 @@ class UtteranceAudio:
     def duration_ms(self) -> float:
         """Length of the audio held, in milliseconds."""
         return 1000.0 * self._size / self.sample_rate_hz
+
+    @property
+    def offset_ms(self) -> float:
+        """Where the audio held starts on the utterance's clock (leading silence trimmed)."""
+        return 1000.0 * self.trimmed / self.sample_rate_hz
 
     @property
     def voiced(self) -> bool:
@@ -60,9 +77,12 @@ class UtteranceAudio:
         elif self._size + samples.size > capacity:
             self._drop(self._size + samples.size - capacity)
         start = self._size
+        was_voiced = self.voiced
         self._buffer[start : start + samples.size] = samples
         self._size += samples.size
-        self._gate(max(0, start - start % self._frame))
+        first = self._gate(max(0, start - start % self._frame))
+        if not was_voiced:
+            self._trim(max(0, (self._size if first is None else first) - self._preroll))
 
     @property
     def trailing_silence_s(self) -> float:
@@ -111,6 +131,17 @@ class UtteranceAudio:
         self._size = 0
         self.voiced_end = 0
         self.dropped = 0
+        self.trimmed = 0
+
+    def _trim(self, count: int) -> None:
+        """Drop `count` samples of leading silence."""
+        if count <= 0:
+            return
+        self._buffer[: self._size - count] = self._buffer[count : self._size]
+        self._size -= count
+        self.trimmed += count
+        if self.voiced_end:
+            self.voiced_end -= count
 
     def _drop(self, count: int) -> None:
         if count <= 0:
@@ -121,19 +152,23 @@ class UtteranceAudio:
         self.dropped += count
         self.voiced_end = max(0, self.voiced_end - count)
 
-    def _gate(self, start: int) -> None:
-        """Update `voiced_end` for the frames from `start` (a frame boundary) on."""
+    def _gate(self, start: int) -> int | None:
+        """Update `voiced_end` for the frames from `start` (a frame boundary) on.
+
+        Returns where the first voiced frame among them starts (None: none was voiced).
+        """
+        first: int | None = None
         frames = (self._size - start) // self._frame
-        if frames <= 0:
-            tail = self._buffer[start : self._size]
-            if tail.size and float(np.sqrt(np.mean(tail**2))) > SILENCE_RMS:
-                self.voiced_end = self._size
-            return
-        block = self._buffer[start : start + frames * self._frame].reshape(frames, self._frame)
-        rms = np.sqrt(np.mean(block**2, axis=1))
-        loud = np.flatnonzero(rms > SILENCE_RMS)
-        if loud.size:
-            self.voiced_end = max(self.voiced_end, start + (int(loud[-1]) + 1) * self._frame)
-        rest = self._buffer[start + frames * self._frame : self._size]
+        if frames > 0:
+            block = self._buffer[start : start + frames * self._frame].reshape(frames, self._frame)
+            rms = np.sqrt(np.mean(block**2, axis=1))
+            loud = np.flatnonzero(rms > SILENCE_RMS)
+            if loud.size:
+                first = start + int(loud[0]) * self._frame
+                self.voiced_end = max(self.voiced_end, start + (int(loud[-1]) + 1) * self._frame)
+        rest_start = start + max(0, frames) * self._frame
+        rest = self._buffer[rest_start : self._size]
         if rest.size and float(np.sqrt(np.mean(rest**2))) > SILENCE_RMS:
             self.voiced_end = self._size
+            first = rest_start if first is None else first
+        return first

@@ -26,6 +26,7 @@ other streams' interim decodes. Decodes use an encoder window sized to the utter
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -319,9 +320,9 @@ class _WhisperStream:
         self._learn(decoded)
         return Hypothesis(
             self.text,
-            1000.0 * self.covered / SAMPLE_RATE,
+            self.audio.offset_ms + 1000.0 * self.covered / SAMPLE_RATE,
             stability=INTERIM_STABILITY,
-            words=self.words,
+            words=self._on_utterance_clock(self.words),
         )
 
     def _start_ending(self) -> None:
@@ -368,16 +369,26 @@ class _WhisperStream:
         stability = INTERIM_STABILITY if finalize.soft else 1.0
         answer = Hypothesis(
             decoded.text,
-            self.audio.duration_ms,
+            self.audio.offset_ms + self.audio.duration_ms,
             answers=finalize,
             stability=stability,
-            words=decoded.words,
+            words=self._on_utterance_clock(decoded.words),
         )
         if not finalize.soft:
             self.ending, self.ending_key = None, None
             self.audio.clear()
             self.text, self.covered, self.words = "", 0, ()
         return answer
+
+    def _on_utterance_clock(self, words: tuple[RecognizedWord, ...]) -> tuple[RecognizedWord, ...]:
+        """`words` timed from the utterance's start, not from the audio held (trimmed)."""
+        offset = self.audio.offset_ms
+        if not offset:
+            return words
+        return tuple(
+            dataclasses.replace(w, start_ms=w.start_ms + offset, end_ms=w.end_ms + offset)
+            for w in words
+        )
 
     def _learn(self, decoded: _Decoded) -> None:
         if decoded.samples >= self.covered:
