@@ -21,6 +21,11 @@ microphone heard before (echo, even after echo cancellation); with word times fr
 user's speech began (the VAD start less `vad_start_s` and `ONSET_MARGIN_S`), for the count and in
 the transcripts of the turn that go on to the context. Without word times it counts them all.
 
+Loudspeakers: where the bot cancels its own echo, the canceller's residual passes the VAD's quick
+start now and then and the ASR makes words of it. With `floor` (`bots.echo_floor`) a held turn is
+confirmed only once the user's speech has also passed the echo floor (Pipecat's VAD thresholds)
+since its onset: the bot pauses as quickly as on a headset, and resumes after its own residual.
+
 Latency: confirming by words needs the ASR's interim results, so with words required the bot
 stops a few hundred milliseconds later than on the VAD start alone (the interim cadence of the
 ASR server). `resume_after_false_interruption` (`bots.playout`) trades this the other way: the
@@ -64,6 +69,8 @@ MAX_HELD = 256
 #: How long before the VAD's start (less its `vad_start_s`) the user's speech may have begun: the
 #: VAD's own lag behind the speech onset, with room for a soft first sound.
 ONSET_MARGIN_S = 0.3
+#: How often a held turn that has its words looks again whether its speech passed the echo floor.
+FLOOR_POLL_S = 0.04
 #: How alike (difflib's ratio) a user word and a word the bot just played must be for the user
 #: word to count as the bot's echo.
 ECHO_SIMILARITY = 0.8
@@ -131,6 +138,9 @@ class BargeInGate(FrameProcessor):
             the bot goes on speaking until the turn is confirmed.
         audio_ms: Where the audio arriving now lies on the clock of the ASR's word times
             (`GrpcSTTService.audio_ms`); None: transcripts count whole.
+        floor: Whether the user's speech has passed the echo floor since a moment
+            (`FloorVADAnalyzer.passed_since`, time.monotonic); a held turn is confirmed only if it
+            has since the turn's onset. None: no floor (headsets, browsers).
         **kwargs: Passed to `FrameProcessor`.
     """
 
@@ -140,12 +150,15 @@ class BargeInGate(FrameProcessor):
         recent_bot_words: Callable[[], set[str]] | None = None,
         playout: PlayoutGate | None = None,
         audio_ms: Callable[[], int] | None = None,
+        floor: Callable[[float], bool] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._turn = turn
         self._audio_ms = audio_ms
         self._onset_ms: int | None = None  # the barge-in's start on the ASR's clock
+        self._floor = floor
+        self._onset_at = 0.0  # and on time.monotonic
         self._recent_bot_words = recent_bot_words if turn.echo_transcript_filter else None
         self._playout = playout
         self._pause_timer: asyncio.Task[None] | None = None
@@ -217,6 +230,7 @@ class BargeInGate(FrameProcessor):
             await self.push_frame(frame)
             return
         self._holding = True
+        self._onset_at = self._vad_since - ONSET_MARGIN_S
         self._onset_ms = (
             self._audio_ms() - round(1000 * (self._turn.vad_start_s + ONSET_MARGIN_S))
             if self._audio_ms is not None
@@ -262,16 +276,24 @@ class BargeInGate(FrameProcessor):
         if len(words) < self._turn.barge_in_min_words:
             return
         wait_s = self._turn.barge_in_min_s - self._spoken_s()
-        if wait_s <= 0:
+        if wait_s <= 0 and self._loud():
             await self._confirm()
         elif self._timer is None:
-            self._timer = self.create_task(self._confirm_after(wait_s), "barge-in-timer")
+            self._timer = self.create_task(self._confirm_when_due(wait_s), "barge-in-timer")
 
-    async def _confirm_after(self, wait_s: float) -> None:
-        await asyncio.sleep(wait_s)
-        if self._holding and not self._stopped:
-            await self._confirm()
+    async def _confirm_when_due(self, wait_s: float) -> None:
+        """Confirm once the turn has lasted long enough and passed the floor, if it goes on."""
+        await asyncio.sleep(max(0.0, wait_s))
+        while self._holding and not self._stopped:
+            if self._loud():
+                await self._confirm()
+                break
+            await asyncio.sleep(FLOOR_POLL_S)
         self._timer = None
+
+    def _loud(self) -> bool:
+        """Whether the held turn's speech has passed the echo floor (always, without one)."""
+        return self._floor is None or self._floor(self._onset_at)
 
     async def _settle(self) -> None:
         """The held turn ended: confirm or drop it once its final transcript is in."""
@@ -287,7 +309,8 @@ class BargeInGate(FrameProcessor):
             len(words) >= self._turn.barge_in_min_words
             and self._spoken_s() >= self._turn.barge_in_min_s
         )
-        if enough or (not self._bot_speaking and words):
+        loud = self._loud()
+        if loud and (enough or (not self._bot_speaking and words)):
             await self._confirm()
             return
         self._holding = False
@@ -298,7 +321,9 @@ class BargeInGate(FrameProcessor):
         self.decisions.append((False, len(words), backchannel, echo))
         logger.info(
             f"{self}: user speech did not stop the bot ({len(words)} words of their own, "
-            f"{backchannel} backchannel, {echo} echo; {self._spoken_s():.2f} s)"
+            f"{backchannel} backchannel, {echo} echo; {self._spoken_s():.2f} s"
+            + ("" if loud else "; below the echo floor")
+            + ")"
         )
         await self._resume()
 

@@ -33,6 +33,7 @@ from pipecat.turns.user_turn_processor import UserTurnProcessor
 
 from bots.barge_in import BargeInGate
 from bots.echo import EchoCanceller, EchoReference, SpeakerTap, wants_echo_cancellation
+from bots.echo_floor import FloorVADAnalyzer, floor_params
 from bots.heard import HeardWords
 from bots.llm import GrpcChunkedLLMService
 from bots.playout import PlayoutAck, PlayoutGate
@@ -117,10 +118,6 @@ def build_services(config: BotConfig) -> Services:
     return services
 
 
-#: The least VAD confidence, start (s) and volume where the bot cancels echo: Pipecat's defaults.
-ECHO_VAD_FLOOR = (0.7, 0.2, 0.6)
-
-
 def build_pipeline(
     config: BotConfig, input: FrameProcessor, output: FrameProcessor
 ) -> tuple[Pipeline, Services]:
@@ -132,7 +129,15 @@ def build_pipeline(
         user_params=LLMUserAggregatorParams(user_turn_strategies=aggregator_turns()),
     )
     cancelling_echo = wants_echo_cancellation(turn.echo_cancellation, input)
-    vad = vad_params(turn, cancelling_echo)
+    floored = cancelling_echo and turn.echo_vad_floor
+    # With the barge-in rules the echo floor judges a barge-in and the VAD starts quickly
+    # (`bots.echo_floor`); without them nothing else could, so it holds the VAD's start.
+    vad = vad_params(turn, floored and not turn.barge_in_gated)
+    analyzer = (
+        FloorVADAnalyzer(params=vad)
+        if floored and turn.barge_in_gated
+        else SileroVADAnalyzer(params=vad)
+    )
     services.turns = UserTurnProcessor(
         user_turn_strategies=turn_detection(turn), user_idle_timeout=turn.user_idle_s
     )
@@ -146,6 +151,7 @@ def build_pipeline(
             recent_bot_words=services.heard.recent_words,
             playout=services.playout,
             audio_ms=services.stt.audio_ms,
+            floor=analyzer.passed_since if isinstance(analyzer, FloorVADAnalyzer) else None,
         )
     to_speaker: list[FrameProcessor] = []
     if services.playout is not None:
@@ -158,7 +164,7 @@ def build_pipeline(
         [
             input,
             *([services.echo] if services.echo is not None else []),
-            VADProcessor(vad_analyzer=SileroVADAnalyzer(params=vad)),
+            VADProcessor(vad_analyzer=analyzer),
             services.turns,
             services.stt,
             *([services.gate] if services.gate is not None else []),
@@ -175,24 +181,19 @@ def build_pipeline(
     return pipeline, services
 
 
-def vad_params(turn: TurnSettings, cancelling_echo: bool) -> VADParams:
-    """Silero's parameters from the turn settings.
+def vad_params(turn: TurnSettings, floored: bool) -> VADParams:
+    """Silero's parameters from the turn settings, held to the echo floor if `floored`.
 
-    Where the bot cancels its own echo (a loudspeaker beside the microphone), the start is held
-    to `ECHO_VAD_FLOOR` at least, unless `TurnSettings.echo_vad_floor` is off: what the
-    canceller leaves of the bot's voice passes the quick defaults now and then, and Whisper
-    makes words of it that confirm a false barge-in (2 per 10 min at -20 and at -10 dB without
-    the floor, none with it). Headsets and browsers (which cancel echo themselves) keep the
-    quick start.
+    The floor holds the VAD's start only for a bot that cancels its echo without the barge-in
+    rules (`bots.echo_floor`: the canceller's residual passes the quick start now and then).
     """
-    confidence, start_s, min_volume = turn.vad_confidence, turn.vad_start_s, turn.vad_min_volume
-    if cancelling_echo and turn.echo_vad_floor:
-        confidence = max(confidence, ECHO_VAD_FLOOR[0])
-        start_s = max(start_s, ECHO_VAD_FLOOR[1])
-        min_volume = max(min_volume, ECHO_VAD_FLOOR[2])
-    return VADParams(
-        confidence=confidence, start_secs=start_s, stop_secs=turn.vad_stop_s, min_volume=min_volume
+    params = VADParams(
+        confidence=turn.vad_confidence,
+        start_secs=turn.vad_start_s,
+        stop_secs=turn.vad_stop_s,
+        min_volume=turn.vad_min_volume,
     )
+    return floor_params(params) if floored else params
 
 
 def turns_of(context: LLMContext, role: str) -> list[str]:

@@ -12,7 +12,7 @@ Endpointing (when the user's turn ends):
         is quicker than Pipecat's (0.1 s, 0.6, 0.3 against 0.2 s, 0.7, 0.6): the user's speech
         pauses the bot 110-140 ms after its onset instead of 310-560 ms (the test set's voices),
         and a start that was no barge-in only pauses the bot (see below). Where the bot cancels
-        its own echo (a loudspeaker), the start is held to Pipecat's thresholds at least
+        its own echo (a loudspeaker), a barge-in must also pass Pipecat's thresholds
         (`echo_vad_floor`).
     smart_turn: SmartTurn v3 judges at each VAD pause whether the user is done; off: the VAD
         stop ends the turn.
@@ -48,11 +48,13 @@ Barge-in (when the user's speech stops the bot; see `bots.barge_in`):
         (the browser client over WebRTC, Daily) or there is no room (WAV files). Turn it off for
         a headset: with no echo to learn from, the canceller also mutes the user's speech while
         the bot talks, and barge-ins are missed.
-    echo_vad_floor: where the bot cancels its own echo, the VAD's start is held to Pipecat's
-        thresholds at least (`bots.pipeline.ECHO_VAD_FLOOR`: 0.7, 0.2 s, 0.6): the canceller's
-        residual passes the quick ones now and then. Off: a barge-in on a loudspeaker stops the
-        bot as quickly as on a headset, for a false barge-in from the bot's own voice every few
-        minutes (the README's conversation quality figures).
+    echo_vad_floor: where the bot cancels its own echo, a barge-in is confirmed only on speech
+        that also passed Pipecat's VAD thresholds (`bots.echo_floor.ECHO_FLOOR`: confidence 0.7
+        and volume 0.6 for 0.2 s): the canceller's residual passes the quick ones now and then,
+        and Whisper makes words of it. The bot still pauses on the quick start (with
+        `resume_after_false_interruption`), so the floor costs a barge-in no latency; without the
+        barge-in rules the floor holds the VAD's start instead. Off: a false barge-in from the
+        bot's own voice every few minutes (the README's conversation quality figures).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ DEFAULT_BACKCHANNELS = (
     "sure",
     "i see",
     "got it",
+    # An acknowledgement, and Whisper's stock hallucination on a hum or a breath.
+    "thank you",
+    "thanks",
 )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from loguru import logger
+from pipecat.audio.vad.vad_analyzer import VADState
 from pipecat.frames.frames import (
     AggregatedTextFrame,
     BotStartedSpeakingFrame,
@@ -33,7 +34,9 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from bots.barge_in import BargeInGate, own_words
 from bots.echo import EchoCanceller, EchoReference, wants_echo_cancellation
+from bots.echo_floor import ECHO_FLOOR
 from bots.heard import HEARD_AFTER_S, HeardWords
+from bots.pipeline import vad_params
 from bots.playout import PIECE_S, PlayoutAck, PlayoutGate, pieces
 from bots.tts import GrpcTTSService, _Segment
 from bots.turn_settings import (
@@ -44,6 +47,7 @@ from bots.turn_settings import (
     flags_to_environment,
 )
 from nemotron.speech.v1 import asr_pb2, tts_pb2
+from tests.speech import speech_pcm
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -133,6 +137,7 @@ def test_auto_echo_cancellation_follows_the_transport():
         ("Yeah, but what about Paris?", 4, 1),
         ("Mmm... hmm-hmm, m-m-m.", 0, 3),
         ("Umm, what about Rome?", 3, 1),
+        ("Thank you.", 0, 2),  # also what Whisper makes of a hum or a breath
     ],
 )
 def test_backchannels_do_not_count_as_words(text, own, backchannel):
@@ -563,14 +568,59 @@ async def test_a_pause_with_no_confirming_words_ends_after_the_timeout():
     assert gate.decisions == []  # the turn itself is still undecided
 
 
-def test_the_vad_starts_quickly_unless_the_bot_cancels_its_own_echo():
-    from bots.pipeline import ECHO_VAD_FLOOR, vad_params
+async def test_on_a_loudspeaker_words_below_the_echo_floor_only_pause_the_bot():
+    # The canceller's residual, made words by the ASR: it never passed the floor.
+    playout = PlayoutGate()
+    gate, down, _up = await _gate(
+        _turn("Stop", "Stop, wait."), playout=playout, floor=lambda since: False
+    )
+    assert gate.decisions == [(False, 2, 0, 0)]
+    assert not any(isinstance(f, InterruptionFrame) for f in down)
+    assert not playout.paused and len(playout.pauses) == 1  # paused at once, then resumed
+    # Loud speech before the turn's onset (the bot's last word, say) does not count either.
+    before = time.monotonic() - 1.0
+    gate, down, _up = await _gate(_turn("Stop", "Stop, wait."), floor=lambda since: before >= since)
+    assert [d[0] for d in gate.decisions] == [False]
 
-    quick = vad_params(TurnSettings(), cancelling_echo=False)
+
+async def test_on_a_loudspeaker_the_barge_in_is_confirmed_once_the_speech_passes_the_floor():
+    passed_at = time.monotonic() + 0.3  # the user's speech passes the floor 0.3 s in
+    frames: list[Frame] = [VADUserStartedSpeakingFrame(), UserStartedSpeakingFrame()]
+    frames += [InterimTranscriptionFrame("Stop, wait", "user", "now"), SleepFrame(0.6)]
+    frames += [VADUserStoppedSpeakingFrame(), UserStoppedSpeakingFrame(), SleepFrame(2.5)]
+    gate, down, _up = await _gate(
+        frames, floor=lambda since: time.monotonic() >= passed_at >= since
+    )
+    assert [d[0] for d in gate.decisions] == [True]
+    kinds = _kinds(down)
+    # Confirmed while the user still spoke (the floor is watched), not at the turn's end.
+    assert kinds.index(InterruptionFrame) < kinds.index(VADUserStoppedSpeakingFrame)
+
+
+def test_the_floor_analyzer_tells_loud_speech_from_a_quiet_residual():
+    from bots.echo_floor import FloorVADAnalyzer
+
+    speech = np.frombuffer(speech_pcm("Wait, what about the weather tomorrow?"), np.int16)
+
+    def passed(gain: float) -> bool:
+        analyzer = FloorVADAnalyzer(params=vad_params(TurnSettings(), floored=False))
+        analyzer.set_sample_rate(RATE)
+        start = time.monotonic()
+        states = set()
+        pcm = (speech * gain).astype(np.int16).tobytes()
+        for at in range(0, len(pcm), 640):
+            states.add(analyzer._run_analyzer(pcm[at : at + 640]))
+        assert VADState.SPEAKING in states  # the quick VAD hears both
+        return analyzer.passed_since(start)
+
+    assert passed(1.0)
+    assert not passed(0.01)  # -40 dB: what the canceller leaves of a -20 dB echo, say
+
+
+def test_the_vad_starts_quickly_unless_held_to_the_echo_floor():
+    quick = vad_params(TurnSettings(), floored=False)
     assert (quick.confidence, quick.start_secs, quick.min_volume) == (0.6, 0.1, 0.3)
-    speaker = vad_params(TurnSettings(), cancelling_echo=True)
-    assert (speaker.confidence, speaker.start_secs, speaker.min_volume) == ECHO_VAD_FLOOR
-    strict = vad_params(TurnSettings(vad_confidence=0.9), cancelling_echo=True)
+    floored = vad_params(TurnSettings(), floored=True)
+    assert (floored.confidence, floored.start_secs, floored.min_volume) == ECHO_FLOOR
+    strict = vad_params(TurnSettings(vad_confidence=0.9), floored=True)
     assert strict.confidence == 0.9  # a stricter setting stands
-    unfloored = vad_params(TurnSettings(echo_vad_floor=False), cancelling_echo=True)
-    assert (unfloored.confidence, unfloored.start_secs, unfloored.min_volume) == (0.6, 0.1, 0.3)
