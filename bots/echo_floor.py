@@ -11,11 +11,6 @@ bot's audio pauses as soon as the user starts), and `FloorVADAnalyzer` notes, fr
 confidence and volume the VAD computes, when the speech has passed the floor's thresholds for
 the floor's start time. `bots.barge_in.BargeInGate` confirms a barge-in only on speech that
 has: a pause from the residual resumes instead of stopping the bot.
-
-The quick start itself asks Silero for a little more where the bot cancels echo
-(`ECHO_START_CONFIDENCE`): at 0.6 the residual paused the bot about twice a minute at -20 dB
-(each pause up to a second and a half), at 0.7 not once in three minutes, and the user's speech
-passes 0.7 about as soon (barge-in p50/p95 176/230 ms against 182/245 ms).
 """
 
 from __future__ import annotations
@@ -28,8 +23,6 @@ from pipecat.audio.vad.vad_analyzer import VADParams
 
 #: The floor's confidence, start (s) and volume: Pipecat's VAD defaults.
 ECHO_FLOOR = (0.7, 0.2, 0.6)
-#: The least confidence of the VAD's (quick) start where the bot cancels its echo.
-ECHO_START_CONFIDENCE = 0.7
 
 
 class FloorVADAnalyzer(SileroVADAnalyzer):
@@ -71,16 +64,6 @@ class FloorVADAnalyzer(SileroVADAnalyzer):
 
     def _chunk_s(self) -> float:
         return self.num_frames_required() / self.sample_rate
-
-
-def echo_start_params(params: VADParams) -> VADParams:
-    """`params` with a confidence of `ECHO_START_CONFIDENCE` at least (the start stays quick)."""
-    return VADParams(
-        confidence=max(params.confidence, ECHO_START_CONFIDENCE),
-        start_secs=params.start_secs,
-        stop_secs=params.stop_secs,
-        min_volume=params.min_volume,
-    )
 
 
 def floor_params(params: VADParams) -> VADParams:

@@ -33,7 +33,7 @@ from pipecat.turns.user_turn_processor import UserTurnProcessor
 
 from bots.barge_in import BargeInGate
 from bots.echo import EchoCanceller, EchoReference, SpeakerTap, wants_echo_cancellation
-from bots.echo_floor import FloorVADAnalyzer, echo_start_params, floor_params
+from bots.echo_floor import FloorVADAnalyzer, floor_params
 from bots.heard import HeardWords
 from bots.llm import GrpcChunkedLLMService
 from bots.playout import PlayoutAck, PlayoutGate
@@ -132,9 +132,7 @@ def build_pipeline(
     floored = cancelling_echo and turn.echo_vad_floor
     # With the barge-in rules the echo floor judges a barge-in and the VAD starts quickly
     # (`bots.echo_floor`); without them nothing else could, so it holds the VAD's start.
-    vad = vad_params(turn)
-    if floored:
-        vad = echo_start_params(vad) if turn.barge_in_gated else floor_params(vad)
+    vad = vad_params(turn, floored and not turn.barge_in_gated)
     analyzer = (
         FloorVADAnalyzer(params=vad)
         if floored and turn.barge_in_gated
@@ -183,14 +181,19 @@ def build_pipeline(
     return pipeline, services
 
 
-def vad_params(turn: TurnSettings) -> VADParams:
-    """Silero's parameters from the turn settings."""
-    return VADParams(
+def vad_params(turn: TurnSettings, floored: bool) -> VADParams:
+    """Silero's parameters from the turn settings, held to the echo floor if `floored`.
+
+    The floor holds the VAD's start only for a bot that cancels its echo without the barge-in
+    rules (`bots.echo_floor`: the canceller's residual passes the quick start now and then).
+    """
+    params = VADParams(
         confidence=turn.vad_confidence,
         start_secs=turn.vad_start_s,
         stop_secs=turn.vad_stop_s,
         min_volume=turn.vad_min_volume,
     )
+    return floor_params(params) if floored else params
 
 
 def turns_of(context: LLMContext, role: str) -> list[str]:

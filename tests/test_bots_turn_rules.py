@@ -34,7 +34,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from bots.barge_in import BargeInGate, own_words
 from bots.echo import EchoCanceller, EchoReference, wants_echo_cancellation
-from bots.echo_floor import ECHO_FLOOR, ECHO_START_CONFIDENCE, echo_start_params, floor_params
+from bots.echo_floor import ECHO_FLOOR
 from bots.heard import HEARD_AFTER_S, HeardWords
 from bots.pipeline import vad_params
 from bots.playout import PIECE_S, PlayoutAck, PlayoutGate, pieces
@@ -603,7 +603,7 @@ def test_the_floor_analyzer_tells_loud_speech_from_a_quiet_residual():
     speech = np.frombuffer(speech_pcm("Wait, what about the weather tomorrow?"), np.int16)
 
     def passed(gain: float) -> bool:
-        analyzer = FloorVADAnalyzer(params=vad_params(TurnSettings()))
+        analyzer = FloorVADAnalyzer(params=vad_params(TurnSettings(), floored=False))
         analyzer.set_sample_rate(RATE)
         start = time.monotonic()
         states = set()
@@ -618,11 +618,9 @@ def test_the_floor_analyzer_tells_loud_speech_from_a_quiet_residual():
 
 
 def test_the_vad_starts_quickly_unless_held_to_the_echo_floor():
-    quick = vad_params(TurnSettings())
+    quick = vad_params(TurnSettings(), floored=False)
     assert (quick.confidence, quick.start_secs, quick.min_volume) == (0.6, 0.1, 0.3)
-    floored = floor_params(quick)
+    floored = vad_params(TurnSettings(), floored=True)
     assert (floored.confidence, floored.start_secs, floored.min_volume) == ECHO_FLOOR
-    assert floor_params(vad_params(TurnSettings(vad_confidence=0.9))).confidence == 0.9
-    # Where the floor judges the barge-in, the start stays quick but a little more sure.
-    echo = echo_start_params(quick)
-    assert (echo.confidence, echo.start_secs, echo.min_volume) == (ECHO_START_CONFIDENCE, 0.1, 0.3)
+    strict = vad_params(TurnSettings(vad_confidence=0.9), floored=True)
+    assert strict.confidence == 0.9  # a stricter setting stands
