@@ -18,7 +18,8 @@ from loadtest.testset import normalize, word_errors
 
 #: A barge-in that has not stopped the bot's audio this long after the user started is missed.
 MISSED_AFTER_S = 2.0
-#: Context accuracy's tolerance: stored and played replies may differ by this many words.
+#: Context accuracy's tolerance: stored and played replies may differ by this many words (as
+#: written: `written_words`).
 WORD_TOLERANCE = 1
 
 
@@ -28,9 +29,9 @@ class BargeIn:
 
     at_s: float  # how far into the reply's audio the user started speaking
     latency_ms: float | None  # user speech start -> the bot's audio stopped; None: missed
-    generated_words: int  # words of the reply generated before the interruption
-    stored_words: int  # words of the assistant message in the bot's context
-    played_words_asr: int  # words of the reply played, from the ASR transcript of its audio
+    generated_words: int  # words (as written) of the reply generated before the interruption
+    stored_words: int  # words (as written) of the assistant message in the bot's context
+    played_words_asr: int  # words (as written) played, from the ASR transcript of its audio
     played_s: float  # seconds of the reply's audio played
     accurate: bool | None  # stored within WORD_TOLERANCE of played; None: nothing to compare
     yielded: bool = True  # the bot interrupted its reply (else there is no cut to judge)
@@ -86,18 +87,32 @@ class Measurements:
 
 
 def played_prefix(generated: list[str], heard: list[str]) -> int:
-    """How many of the `generated` words the `heard` transcript covers (best-aligned prefix)."""
+    """How many of the `generated` words the `heard` transcript covers (best-aligned prefix).
+
+    `generated` may be words as written (`written_words`): each is compared as the words it is
+    spoken as. A tie goes to the longer prefix: a word the ASR mangles (a number, a name) costs
+    as much left out as taken in, and the heard words after it show that it was played.
+    """
     best, best_errors = 0, math.inf
     for k in range(len(generated) + 1):
         errors, _ = word_errors(" ".join(generated[:k]), " ".join(heard))
-        if errors < best_errors:
+        if errors <= best_errors:
             best, best_errors = k, errors
     return best
 
 
 def words(text: str) -> list[str]:
-    """Words as the benchmark counts them (the test set's normalisation)."""
+    """Words as the benchmark compares them (the test set's normalisation)."""
     return normalize(text)
+
+
+def written_words(text: str) -> list[str]:
+    """Words as written, the unit of context accuracy.
+
+    A number is one word however many it is spoken as: "1879" is six words spoken, and an ASR
+    hears it as anything from one to six ("18s").
+    """
+    return [token for token in text.split() if words(token)]
 
 
 def _ms(samples: list[float], q: float) -> float | None:

@@ -47,6 +47,7 @@ from loadtest.conversation_quality_metrics import (
     TurnEnd,
     played_prefix,
     words,
+    written_words,
 )
 from loadtest.conversation_quality_scripts import (
     BACKCHANNELS,
@@ -260,12 +261,12 @@ async def _context_check(
     await s.until(lambda: True if turns_of(s.services.context, "assistant") else None, 10)
     await asyncio.sleep(0.5)  # the aggregator may still be adding the cut reply
     stored = next(iter(turns_of(s.services.context, "assistant")), "")
-    generated = words(" ".join(text for at, text in s.watch.chunks if at < cut))
+    generated = written_words(" ".join(text for at, text in s.watch.chunks if at < cut))
     output = s.transport.output()
     played = output.audio_between(reply_start, cut)
     heard = await transcribe(asr_target, played, output.sample_rate, plan.security)
     played_words = played_prefix(generated, words(heard))
-    stored_words = words(stored)
+    stored_words = written_words(stored)
     matches, _ = word_errors(" ".join(stored_words), " ".join(generated[: len(stored_words)]))
     accurate = (
         abs(len(stored_words) - played_words) <= WORD_TOLERANCE and matches <= WORD_TOLERANCE

@@ -26,6 +26,7 @@ from loadtest.conversation_quality_metrics import (
     report,
     words,
     write_json,
+    written_words,
 )
 from loadtest.conversation_quality_scripts import RATE, backchannel, paused_turn, say
 from loadtest.conversation_quality_transport import (
@@ -94,6 +95,12 @@ def test_the_played_prefix_is_aligned_on_the_generated_words():
     assert played_prefix(generated, words("once upon a time a brave")) == 6
     assert played_prefix(generated, words("once upon a tine a brav little")) == 7
     assert played_prefix(generated, []) == 0
+    # A number is one word as written, however many it is spoken as (context accuracy counts
+    # written words, so that a stored "1879," is not five words more than an ASR's "18s").
+    written = written_words("Once upon a time, in the year 1879, a girl - Ada - lived.")
+    assert len(written) == 12  # the dashes are no words
+    heard = words("once upon a time in the year eighteen seventy nine a")
+    assert played_prefix(written, heard) == 9
 
 
 def test_overrides_go_to_the_turn_settings_or_the_bot_config():
