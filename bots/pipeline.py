@@ -129,15 +129,7 @@ def build_pipeline(
         user_params=LLMUserAggregatorParams(user_turn_strategies=aggregator_turns()),
     )
     cancelling_echo = wants_echo_cancellation(turn.echo_cancellation, input)
-    floored = cancelling_echo and turn.echo_vad_floor
-    # With the barge-in rules the echo floor judges a barge-in and the VAD starts quickly
-    # (`bots.echo_floor`); without them nothing else could, so it holds the VAD's start.
-    vad = vad_params(turn, floored and not turn.barge_in_gated)
-    analyzer = (
-        FloorVADAnalyzer(params=vad)
-        if floored and turn.barge_in_gated
-        else SileroVADAnalyzer(params=vad)
-    )
+    analyzer = vad_analyzer(turn, cancelling_echo)
     services.turns = UserTurnProcessor(
         user_turn_strategies=turn_detection(turn), user_idle_timeout=turn.user_idle_s
     )
@@ -179,6 +171,18 @@ def build_pipeline(
         ]
     )
     return pipeline, services
+
+
+def vad_analyzer(turn: TurnSettings, cancelling_echo: bool) -> SileroVADAnalyzer:
+    """The VAD of a bot, and where it cancels its echo, the echo floor (`bots.echo_floor`).
+
+    With the barge-in rules the floor judges a barge-in (a `FloorVADAnalyzer` for the gate) and
+    the VAD starts quickly; without them nothing else could, so it holds the VAD's start.
+    """
+    floored = cancelling_echo and turn.echo_vad_floor
+    if floored and turn.barge_in_gated:
+        return FloorVADAnalyzer(params=vad_params(turn, floored=False))
+    return SileroVADAnalyzer(params=vad_params(turn, floored=floored))
 
 
 def vad_params(turn: TurnSettings, floored: bool) -> VADParams:

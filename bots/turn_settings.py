@@ -52,7 +52,7 @@ Barge-in (when the user's speech stops the bot; see `bots.barge_in`):
         that also passed Pipecat's VAD thresholds (`bots.echo_floor.ECHO_FLOOR`: confidence 0.7
         and volume 0.6 for 0.2 s): the canceller's residual passes the quick ones now and then,
         and Whisper makes words of it. The bot still pauses on the quick start (with
-        `resume_after_false_interruption`), so the floor costs a barge-in no latency; without the
+        `resume_after_false_interruption`), so the floor does not delay the pause; without the
         barge-in rules the floor holds the VAD's start instead. Off: a false barge-in from the
         bot's own voice every few minutes (the README's conversation quality figures).
 """

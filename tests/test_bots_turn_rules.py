@@ -597,24 +597,46 @@ async def test_on_a_loudspeaker_the_barge_in_is_confirmed_once_the_speech_passes
     assert kinds.index(InterruptionFrame) < kinds.index(VADUserStoppedSpeakingFrame)
 
 
-def test_the_floor_analyzer_tells_loud_speech_from_a_quiet_residual():
+async def test_the_floor_analyzer_tells_loud_speech_from_a_quiet_residual():
     from bots.echo_floor import FloorVADAnalyzer
 
     speech = np.frombuffer(speech_pcm("Wait, what about the weather tomorrow?"), np.int16)
 
-    def passed(gain: float) -> bool:
+    async def passed(gain: float) -> bool:
         analyzer = FloorVADAnalyzer(params=vad_params(TurnSettings(), floored=False))
         analyzer.set_sample_rate(RATE)
         start = time.monotonic()
         states = set()
         pcm = (speech * gain).astype(np.int16).tobytes()
         for at in range(0, len(pcm), 640):
-            states.add(analyzer._run_analyzer(pcm[at : at + 640]))
+            states.add(await analyzer.analyze_audio(pcm[at : at + 640]))
+        await analyzer.cleanup()
         assert VADState.SPEAKING in states  # the quick VAD hears both
         return analyzer.passed_since(start)
 
-    assert passed(1.0)
-    assert not passed(0.01)  # -40 dB: what the canceller leaves of a -20 dB echo, say
+    assert await passed(1.0)
+    assert not await passed(0.01)  # -40 dB: what the canceller leaves of a -20 dB echo, say
+
+
+def test_the_echo_floor_judges_barge_ins_only_where_the_bot_cancels_echo():
+    from bots.echo_floor import FloorVADAnalyzer
+    from bots.pipeline import vad_analyzer
+
+    def thresholds(analyzer: Any) -> tuple[float, float, float]:
+        params = analyzer.params
+        return (params.confidence, params.start_secs, params.min_volume)
+
+    quick = (0.6, 0.1, 0.3)
+    speaker = vad_analyzer(TurnSettings(), cancelling_echo=True)
+    assert isinstance(speaker, FloorVADAnalyzer) and thresholds(speaker) == quick
+    assert (speaker.floor.confidence, speaker.floor.start_secs) == ECHO_FLOOR[:2]
+    headset = vad_analyzer(TurnSettings(), cancelling_echo=False)
+    assert not isinstance(headset, FloorVADAnalyzer) and thresholds(headset) == quick
+    unfloored = vad_analyzer(TurnSettings(echo_vad_floor=False), cancelling_echo=True)
+    assert not isinstance(unfloored, FloorVADAnalyzer) and thresholds(unfloored) == quick
+    # Without the barge-in rules nothing judges a barge-in: the floor holds the VAD's start.
+    ungated = vad_analyzer(TurnSettings(barge_in_min_words=0), cancelling_echo=True)
+    assert not isinstance(ungated, FloorVADAnalyzer) and thresholds(ungated) == ECHO_FLOOR
 
 
 def test_the_vad_starts_quickly_unless_held_to_the_echo_floor():

@@ -11,7 +11,7 @@ Silence before the utterance's first voiced frame is trimmed to `PREROLL_S`: a c
 its microphone all along, so an utterance that begins at the last finalize holds seconds of
 silence (the bot's reply, on a headset) before the speech. Whisper spreads a short phrase's words
 over that silence (their times came out seconds early: "What is it?" over 2.8-5.9 s for speech
-at 5.6-6.4 s) and decodes it again at every interim. Times stay on the utterance's clock: a
+from about 5.6 s) and decodes it again at every interim. Times stay on the utterance's clock: a
 recognizer adds `offset_ms` to the times of what it decodes.
 """
 
