@@ -8,11 +8,16 @@ interrupts the bot by itself (`bots.turns`); `BargeInGate`, after the STT adapte
 - The bot is speaking: the user's turn is held (its start, transcripts and end go no further)
   until its words confirm it. It is confirmed once the user has spoken `barge_in_min_s` seconds
   (by the VAD) and said `barge_in_min_words` words that are neither backchannels ("mm-hm",
-  "yeah"...) nor the bot's own recent words heard back (its echo, with `echo_transcript_filter`).
+  "yeah"...) nor the bot's own recent words heard back (its echo, with `echo_transcript_filter`),
+  or at once on a command ("stop", "wait": `barge_in_commands`) that is not the bot's echo.
   Then the bot is interrupted and the held frames go on: the turn is answered as usual.
 - A held turn that ends unconfirmed is dropped: the bot goes on, and neither the context nor the
   LLM sees it. If the bot finished its reply meanwhile, a turn with words of its own (not only
   backchannels or echo) is let through as an ordinary turn.
+
+The speech's length is the VAD's, less its stop time (the silence the VAD waits for before it
+says the user stopped): a hum of 0.5 s is 0.5 s, not 0.7, and while the VAD still hears speech
+only what is certain counts, so that the length confirms no turn the VAD is about to end.
 
 Only words said since the user started count. The ASR's utterance runs on from the user's last
 turn, through the bot's reply, so its transcript also holds whatever of the bot's voice the
@@ -25,6 +30,8 @@ Loudspeakers: where the bot cancels its own echo, the canceller's residual passe
 start now and then and the ASR makes words of it. With `floor` (`bots.echo_floor`) a held turn is
 confirmed only once the user's speech has also passed the echo floor (Pipecat's VAD thresholds)
 since its onset: the bot pauses as quickly as on a headset, and resumes after its own residual.
+There the speech's length is also the floor's (`floor_s`): the residual keeps the VAD open
+around a short backchannel, which made a 0.27 s "yeah" last 0.6 s.
 
 Latency: confirming by words needs the ASR's interim results, so with words required the bot
 stops a few hundred milliseconds later than on the VAD start alone (the interim cadence of the
@@ -110,6 +117,17 @@ def own_words(
     return kept, backchannel, 0
 
 
+def said_any(text: str, phrases: tuple[str, ...], echo: set[str] | None = None) -> bool:
+    """Whether `text` holds one of `phrases` whose words are not all `echo` (the bot's own)."""
+    words = normalise(text)
+    for phrase in (normalise(p) for p in phrases):
+        for i in range(len(words) - len(phrase) + 1):
+            if phrase and words[i : i + len(phrase)] == phrase:
+                if not echo or not all(_is_echo(w, echo) for w in phrase):
+                    return True
+    return False
+
+
 def _is_echo(word: str, echo: set[str]) -> bool:
     """Whether `word` is one of `echo` as an ASR may hear it back.
 
@@ -141,6 +159,9 @@ class BargeInGate(FrameProcessor):
         floor: Whether the user's speech has passed the echo floor since a moment
             (`FloorVADAnalyzer.passed_since`, time.monotonic); a held turn is confirmed only if it
             has since the turn's onset. None: no floor (headsets, browsers).
+        floor_s: How long the speech has stood above the echo floor since a moment
+            (`FloorVADAnalyzer.loud_s_since`); the held turn's length is at most that since its
+            onset. None: the VAD's length alone.
         **kwargs: Passed to `FrameProcessor`.
     """
 
@@ -151,6 +172,7 @@ class BargeInGate(FrameProcessor):
         playout: PlayoutGate | None = None,
         audio_ms: Callable[[], int] | None = None,
         floor: Callable[[float], bool] | None = None,
+        floor_s: Callable[[float], float] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -158,6 +180,7 @@ class BargeInGate(FrameProcessor):
         self._audio_ms = audio_ms
         self._onset_ms: int | None = None  # the barge-in's start on the ASR's clock
         self._floor = floor
+        self._floor_s = floor_s
         self._onset_at = 0.0  # and on time.monotonic
         self._recent_bot_words = recent_bot_words if turn.echo_transcript_filter else None
         self._playout = playout
@@ -165,8 +188,10 @@ class BargeInGate(FrameProcessor):
         self._bot_speaking = False
         self._holding = False
         self._held: list[Frame] = []
-        self._finals: list[str] = []  # the held turn's final transcripts so far
-        self._interim = ""  # and its latest interim one since
+        # The held turn's final transcripts so far and its latest interim one since, each as
+        # (the user's words, those of them that count for the rule: sure enough).
+        self._finals: list[tuple[str, str]] = []
+        self._interim = ("", "")
         self._stopped = False
         self._discarding = False  # a dropped turn's late transcripts and end go nowhere
         self._final = asyncio.Event()
@@ -189,7 +214,8 @@ class BargeInGate(FrameProcessor):
             self._vad_since = time.monotonic() - self._turn.vad_start_s
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             if self._vad_since is not None:
-                self._speech_s += time.monotonic() - self._vad_since
+                spoken = time.monotonic() - self._vad_since - self._turn.vad_stop_s
+                self._speech_s += max(0.0, spoken)
             self._vad_since = None
         if direction == FrameDirection.DOWNSTREAM:
             if isinstance(frame, UserStartedSpeakingFrame):
@@ -237,7 +263,7 @@ class BargeInGate(FrameProcessor):
             else None
         )
         self._held = [frame]
-        self._finals, self._interim = [], ""
+        self._finals, self._interim = [], ("", "")
         self._stopped = False
         self._final.clear()
         if self._playout is not None:
@@ -248,7 +274,7 @@ class BargeInGate(FrameProcessor):
         """Hold `frame` if it belongs to the held turn (and judge the turn by it)."""
         if isinstance(frame, TranscriptionFrame):
             self._finals.append(self._keep_users_words(frame))
-            self._interim = ""
+            self._interim = ("", "")
             self._final.set()
         elif isinstance(frame, InterimTranscriptionFrame):
             self._interim = self._keep_users_words(frame)
@@ -272,10 +298,13 @@ class BargeInGate(FrameProcessor):
 
     async def _judge(self) -> None:
         """Confirm the held turn now, later (when it has lasted long enough), or not yet."""
-        words, _, _ = self._counts()
-        if len(words) < self._turn.barge_in_min_words:
-            return
-        wait_s = self._turn.barge_in_min_s - self._spoken_s()
+        if self._commanded():
+            wait_s = 0.0
+        else:
+            words, _, _ = self._counts()
+            if len(words) < self._turn.barge_in_min_words:
+                return
+            wait_s = self._turn.barge_in_min_s - self._spoken_s()
         if wait_s <= 0 and self._loud():
             await self._confirm()
         elif self._timer is None:
@@ -285,11 +314,22 @@ class BargeInGate(FrameProcessor):
         """Confirm once the turn has lasted long enough and passed the floor, if it goes on."""
         await asyncio.sleep(max(0.0, wait_s))
         while self._holding and not self._stopped:
-            if self._loud():
+            # The VAD may have paused and a later interim dropped words: both are looked at again.
+            if self._due() and self._loud():
                 await self._confirm()
                 break
             await asyncio.sleep(FLOOR_POLL_S)
         self._timer = None
+
+    def _due(self) -> bool:
+        """Whether the held turn is a barge-in by its words and length (the floor aside)."""
+        if self._commanded():
+            return True
+        words, _, _ = self._counts()
+        return (
+            len(words) >= self._turn.barge_in_min_words
+            and self._spoken_s() >= self._turn.barge_in_min_s
+        )
 
     def _loud(self) -> bool:
         """Whether the held turn's speech has passed the echo floor (always, without one)."""
@@ -305,12 +345,8 @@ class BargeInGate(FrameProcessor):
         if not self._holding:
             return
         words, backchannel, echo = self._counts()
-        enough = (
-            len(words) >= self._turn.barge_in_min_words
-            and self._spoken_s() >= self._turn.barge_in_min_s
-        )
         loud = self._loud()
-        if loud and (enough or (not self._bot_speaking and words)):
+        if loud and (self._due() or (not self._bot_speaking and words)):
             await self._confirm()
             return
         self._holding = False
@@ -324,6 +360,7 @@ class BargeInGate(FrameProcessor):
             f"{backchannel} backchannel, {echo} echo; {self._spoken_s():.2f} s"
             + ("" if loud else "; below the echo floor")
             + ")"
+            + (f": {self._said()!r}" if content_on() else "")
         )
         await self._resume()
 
@@ -348,10 +385,11 @@ class BargeInGate(FrameProcessor):
         self._holding = False
         await self._cancel_timer()
         self.decisions.append((True, len(words), backchannel, echo))
-        text = f": {' '.join(words)!r}" if content_on() else ""
+        text = f": {self._said()!r}" if content_on() else ""
         logger.info(
-            f"{self}: barge-in confirmed ({len(words)} words, {self._spoken_s():.2f} s of "
-            f"speech){text}"
+            f"{self}: barge-in confirmed ({len(words)} words"
+            + (", a command" if self._commanded() else "")
+            + f", {self._spoken_s():.2f} s of speech){text}"
         )
         held, self._held = self._held, []
         timer, self._pause_timer = self._pause_timer, None
@@ -364,33 +402,50 @@ class BargeInGate(FrameProcessor):
     async def _interrupt(self) -> None:
         await self.broadcast_frame(InterruptionFrame)
 
-    def _keep_users_words(self, frame: InterimTranscriptionFrame | TranscriptionFrame) -> str:
-        """The words of `frame` that count for the barge-in; the user's become its text.
+    def _keep_users_words(
+        self, frame: InterimTranscriptionFrame | TranscriptionFrame
+    ) -> tuple[str, str]:
+        """The user's words in `frame`, and those of them that count for the barge-in.
 
         With word times, the user's words are those that end after the barge-in began (the
         frame's text becomes them, unless there are none), and of those the ones the ASR is at
         least `barge_in_min_word_confidence` sure of count: what a small ASR makes of a
         backchannel or a noise ("mm-hm" -> "Bumble.") it is rarely sure of. Without word times
-        (or outside a barge-in) the whole text counts.
+        (or outside a barge-in) the whole text is the user's and counts.
         """
         words = getattr(frame.result, "words", None)
         if self._onset_ms is None or not words:
-            return frame.text
+            return frame.text, frame.text
         users = [w for w in words if w.end_ms > self._onset_ms]
         said = " ".join(w.text.strip() for w in users).strip()
         if said:
             frame.text = said
         least = self._turn.barge_in_min_word_confidence
-        return " ".join(w.text.strip() for w in users if w.confidence >= least).strip()
+        return said, " ".join(w.text.strip() for w in users if w.confidence >= least).strip()
 
     def _counts(self) -> tuple[list[str], int, int]:
-        echo = self._recent_bot_words() if self._recent_bot_words is not None else None
-        text = " ".join([*self._finals, self._interim])
-        return own_words(text, self._turn.backchannels, echo)
+        text = " ".join(counted for _, counted in [*self._finals, self._interim])
+        return own_words(text, self._turn.backchannels, self._echo())
+
+    def _commanded(self) -> bool:
+        """Whether the user said a command (`barge_in_commands`) that is not the bot's echo."""
+        return said_any(self._said(), self._turn.barge_in_commands, self._echo())
+
+    def _said(self) -> str:
+        return " ".join(users for users, _ in [*self._finals, self._interim]).strip()
+
+    def _echo(self) -> set[str] | None:
+        return self._recent_bot_words() if self._recent_bot_words is not None else None
 
     def _spoken_s(self) -> float:
-        open_s = time.monotonic() - self._vad_since if self._vad_since is not None else 0.0
-        return self._speech_s + open_s
+        """How long the user has certainly spoken in this turn (see the module's docstring)."""
+        open_s = 0.0
+        if self._vad_since is not None:
+            open_s = max(0.0, time.monotonic() - self._vad_since - self._turn.vad_stop_s)
+        spoken = self._speech_s + open_s
+        if self._floor_s is not None:
+            spoken = min(spoken, self._floor_s(self._onset_at))
+        return spoken
 
     async def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None

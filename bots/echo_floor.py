@@ -11,18 +11,26 @@ bot's audio pauses as soon as the user starts), and `FloorVADAnalyzer` notes, fr
 confidence and volume the VAD computes, when the speech has passed the floor's thresholds for
 the floor's start time. `bots.barge_in.BargeInGate` confirms a barge-in only on speech that
 has: a pause from the residual resumes instead of stopping the bot.
+
+The floor also measures how long the user has spoken (`loud_s_since`): on a loudspeaker the
+residual keeps the quick VAD open around the user's words (a 0.27 s "yeah" was 0.6 s by the
+VAD), so the barge-in's minimum length (`barge_in_min_s`) counts only speech above the floor.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections import deque
 
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 
 #: The floor's confidence, start (s) and volume: Pipecat's VAD defaults.
 ECHO_FLOOR = (0.7, 0.2, 0.6)
+#: How many loud chunks the floor remembers for `loud_s_since` (32 ms each: about 16 s).
+LOUD_CHUNKS_KEPT = 500
 
 
 class FloorVADAnalyzer(SileroVADAnalyzer):
@@ -42,10 +50,18 @@ class FloorVADAnalyzer(SileroVADAnalyzer):
         #: When the speech last stood above the floor for its start time (time.monotonic; the
         #: analyzer runs in a worker thread and a float is written whole, so no lock).
         self.passed_at = -math.inf
+        self._loud_at: deque[float] = deque(maxlen=LOUD_CHUNKS_KEPT)
+        self._lock = threading.Lock()  # `loud_s_since` reads what the worker thread appends
 
     def passed_since(self, moment: float) -> bool:
         """Whether speech has passed the floor at or after `moment` (time.monotonic)."""
         return self.passed_at >= moment
+
+    def loud_s_since(self, moment: float) -> float:
+        """Seconds of speech above the floor's confidence and volume since `moment`."""
+        with self._lock:
+            chunks = sum(1 for at in self._loud_at if at >= moment)
+        return chunks * self._chunk_s()
 
     def voice_confidence(self, buffer: bytes) -> float:
         """Silero's confidence, kept for the floor (the volume of the same chunk follows)."""
@@ -58,8 +74,12 @@ class FloorVADAnalyzer(SileroVADAnalyzer):
         floor = self.floor
         loud = self._confidence >= floor.confidence and volume >= floor.min_volume
         self._loud_chunks = self._loud_chunks + 1 if loud else 0
-        if self._loud_chunks and self._loud_chunks * self._chunk_s() >= floor.start_secs:
-            self.passed_at = time.monotonic()
+        if loud:
+            now = time.monotonic()
+            with self._lock:
+                self._loud_at.append(now)
+            if self._loud_chunks * self._chunk_s() >= floor.start_secs:
+                self.passed_at = now
         return volume
 
     def _chunk_s(self) -> float:

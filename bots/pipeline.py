@@ -138,12 +138,14 @@ def build_pipeline(
     if turn.barge_in_gated:
         if turn.resume_after_false_interruption:
             services.playout = PlayoutGate()
+        floor = analyzer if isinstance(analyzer, FloorVADAnalyzer) else None
         services.gate = BargeInGate(
             turn,
             recent_bot_words=services.heard.recent_words,
             playout=services.playout,
             audio_ms=services.stt.audio_ms,
-            floor=analyzer.passed_since if isinstance(analyzer, FloorVADAnalyzer) else None,
+            floor=floor.passed_since if floor is not None else None,
+            floor_s=floor.loud_s_since if floor is not None else None,
         )
     to_speaker: list[FrameProcessor] = []
     if services.playout is not None:

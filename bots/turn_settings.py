@@ -27,10 +27,15 @@ Barge-in (when the user's speech stops the bot; see `bots.barge_in`):
     barge_in_min_word_confidence: a word counts for `barge_in_min_words` only if the ASR is
         this sure of it (its word confidence, 0..1): Whisper tiny makes words of backchannels
         and noise ("mm-hm" -> "Bumble.", 0.4) that it is rarely sure of. 0: every word counts.
-    barge_in_min_s: seconds the user must have spoken before the bot yields while it speaks.
-        Both rules must hold; with both at 0 the VAD's start stops the bot at once, as
-        Pipecat does by default. One word by default: backchannels and echo never stop the
-        bot, and with `resume_after_false_interruption` the barge-in is as quick as the VAD.
+    barge_in_min_s: seconds the user must have spoken (by the VAD, less its stop time) before
+        the bot yields while it speaks. Both rules must hold; with both at 0 the VAD's start
+        stops the bot at once, as Pipecat does by default. By default one word and 0.6 s:
+        backchannels and echo never stop the bot, and a hum ("mm-hm", 0.3-0.6 s), of which a
+        small ASR makes confident words ("C'mon", "I'm done"), does not either; with
+        `resume_after_false_interruption` the barge-in is as quick as the VAD all the same.
+    barge_in_commands: phrases that stop the bot however short the speech ("stop", "wait"...),
+        unless they are the bot's own words heard back; compared without case or punctuation,
+        whatever the ASR's confidence in them.
     backchannels: phrases that never stop the bot ("mm-hm", "yeah"...), compared without case
         or punctuation.
     resume_after_false_interruption: with the barge-in rules on, the bot's audio pauses as
@@ -100,6 +105,21 @@ DEFAULT_BACKCHANNELS = (
 )
 
 
+#: Short phrases that stop the bot at once (`barge_in_commands`).
+DEFAULT_COMMANDS = (
+    "stop",
+    "wait",
+    "hold on",
+    "hang on",
+    "pause",
+    "sorry",
+    "excuse me",
+    "quiet",
+    "shut up",
+    "enough",
+)
+
+
 class TurnSettingsError(ValueError):
     """A flag or variable whose value does not fit its setting; the message names it."""
 
@@ -117,7 +137,8 @@ class TurnSettings:
     user_idle_s: float = 0.0
     barge_in_min_words: int = 1
     barge_in_min_word_confidence: float = 0.5
-    barge_in_min_s: float = 0.0
+    barge_in_min_s: float = 0.6
+    barge_in_commands: tuple[str, ...] = DEFAULT_COMMANDS
     backchannels: tuple[str, ...] = DEFAULT_BACKCHANNELS
     resume_after_false_interruption: bool = True
     false_interruption_timeout_s: float = 1.5

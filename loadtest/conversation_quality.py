@@ -33,6 +33,7 @@ from typing import Any
 from loguru import logger
 
 from bots.pipeline import BotConfig
+from bots.tracing import configure_bot_tracing
 from clients.serving import start_server, wait_serving
 from clients.targets import Targets
 from loadtest.conversation_quality_metrics import Measurements, figures, report, write_json
@@ -65,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--asr", help="running ASR target (default: start one)")
     parser.add_argument("--tts", help="running TTS target (default: start one)")
     parser.add_argument("--llm", help="running LLM target (default: start one)")
+    parser.add_argument(
+        "--reference-asr-model",
+        default="",
+        help="Whisper model of a second ASR server, started to transcribe the played audio for "
+        "context accuracy ('base': the whisper-base extra; default: the bot's own ASR server)",
+    )
+    parser.add_argument(
+        "--reference-asr", help="running ASR target that transcribes the played audio"
+    )
     parser.add_argument(
         "--llm-threads",
         type=int,
@@ -158,8 +168,12 @@ def settings_of(config: BotConfig) -> dict[str, object]:
 
 
 @asynccontextmanager
-async def servers(args: argparse.Namespace) -> AsyncIterator[Targets]:
-    """The targets of --asr/--tts/--llm, starting a CPU server for each one not given."""
+async def servers(args: argparse.Namespace) -> AsyncIterator[tuple[Targets, str]]:
+    """The servers' targets, and the reference ASR's, starting what was not given.
+
+    A CPU server for each of --asr/--tts/--llm not given; the reference ASR is --reference-asr,
+    one started with --reference-asr-model, or the bot's own ASR server.
+    """
     started: list[asyncio.subprocess.Process] = []
     targets: dict[str, str] = {}
     try:
@@ -172,9 +186,15 @@ async def servers(args: argparse.Namespace) -> AsyncIterator[Targets]:
             process, target = await start_server(f"services.{service}", extra)
             started.append(process)
             targets[service] = target
+        targets["reference"] = args.reference_asr or targets["asr"]
+        if args.reference_asr_model and not args.reference_asr:
+            model = ["--model", args.reference_asr_model]
+            process, targets["reference"] = await start_server("services.asr", model)
+            started.append(process)
         for target in targets.values():
             await wait_serving(target, timeout_s=300)
-        yield Targets(asr=targets["asr"], tts=targets["tts"], llm=targets["llm"])
+        bots = Targets(asr=targets["asr"], tts=targets["tts"], llm=targets["llm"])
+        yield bots, targets["reference"]
     finally:
         for process in started:
             if process.returncode is None:
@@ -205,7 +225,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--scenarios: any of {', '.join(SCENARIOS)}; --repetitions: 1-100")
     started, load_before = time.monotonic(), os.getloadavg()
     m = Measurements()
-    async with servers(args) as targets:
+    async with servers(args) as (targets, reference):
         config = bot_config(args.bot, args.set, targets)
         plan = Plan(
             config=storyteller(config, args.max_tokens),
@@ -222,7 +242,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             return _document(args, config, scenarios, started, load_before, m, complete)
 
         if "barge-in" in scenarios:
-            await barge_ins(plan, targets.asr, m)
+            await barge_ins(plan, reference, m)
             _checkpoint(args.out, document(False), m)
         if "backchannels" in scenarios:
             await backchannels(plan, m)
@@ -265,6 +285,7 @@ def _document(
         "talk_echo_db": args.talk_echo_db,
         "user_voice": user_voice(),
         "backchannel_voice": backchannel_voice(),
+        "reference_asr": args.reference_asr or args.reference_asr_model or "the bot's",
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         # Other work on the host skews every figure: the load averages at the start and end.
@@ -285,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.add(sys.stderr, level=args.log_level)
 
     check_loopback(*(t for t in (args.asr, args.tts, args.llm) if t))
+    # As in a bot process: OTEL_* turns spans on, NEMOTRON_TRACE_CONTENT=1 the bots' words in
+    # the log (what the gate heard in each held turn), off by default.
+    configure_bot_tracing()
     result = asyncio.run(run(args))
     m = result.pop("measurements")
     print()

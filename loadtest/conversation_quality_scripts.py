@@ -4,6 +4,11 @@ The user speaks with the test set's voices (`loadtest.testset`): espeak-ng's en-
 questions and answers, its en-gb voice for the backchannels ("mm-hm", "yeah", "right", "okay"), so
 neither sounds like the bot (Piper's joe, the only voice our Piper server has). Without espeak-ng
 the user falls back to the test set's slow Piper joe style and says so in the report.
+
+"mm-hm" is a hum: espeak-ng spells the written word out as letters ("em em aitch em", four
+syllables, 0.8 s), which no listener says, so the benchmark gives espeak its phonemes
+(`HUMS`) and brings the hum up to the level of the user's voice (espeak's nasals are about
+8 dB quieter than its vowels; a louder hum is the harder case for the VAD and the ASR).
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from functools import cache
 import numpy as np
 
 from loadtest.testset import espeak_speech, has_espeak, piper_speech
-from services.runtime.audio import FloatAudio, float_to_pcm16
+from services.runtime.audio import FloatAudio, float_to_pcm16, pcm16_to_float
 
 RATE = 16000
+WINDOW = RATE // 100  # 10 ms
 
 #: Asks the LLM for long replies, so that there is something to interrupt.
 STORYTELLER_PROMPT = (
@@ -47,6 +53,12 @@ INTERRUPTIONS = (
 
 BACKCHANNELS = ("mm-hm", "yeah", "right", "okay")
 
+#: Backchannels that are hums, as espeak-ng phonemes: two syllabic m's, the second after an h.
+HUMS = {"mm-hm": "[[,m-m-'hm-]]"}
+#: The user's voice's level (RMS of its 10 ms windows that pass `speech_bounds`' threshold)
+#: that a hum is brought to.
+USER_LEVEL_QUESTION = "What is the capital of Australia?"
+
 #: Turns with a pause inside: (before the pause, after it); the pause is mid-sentence.
 PAUSED_TURNS = (
     ("I would like to order a large pizza", "with mushrooms and olives."),
@@ -76,12 +88,21 @@ class Speech:
 
 def speech_bounds(audio: FloatAudio, threshold: float = 0.02) -> tuple[float, float]:
     """(first, last) moment in seconds where 10 ms windows pass `threshold` RMS."""
-    window = RATE // 100
-    usable = audio[: audio.size // window * window].reshape(-1, window)
-    loud = np.flatnonzero(np.sqrt(np.mean(usable**2, axis=1)) > threshold)
+    loud = np.flatnonzero(_window_rms(audio) > threshold)
     if loud.size == 0:
         raise ValueError("the synthesized utterance is silent")
-    return loud[0] * window / RATE, (loud[-1] + 1) * window / RATE
+    return loud[0] * WINDOW / RATE, (loud[-1] + 1) * WINDOW / RATE
+
+
+def speech_level(audio: FloatAudio, threshold: float = 0.02) -> float:
+    """RMS of the 10 ms windows of `audio` that pass `threshold` (its speech, not its silence)."""
+    rms = _window_rms(audio)
+    return float(np.sqrt(np.mean(rms[rms > threshold] ** 2)))
+
+
+def _window_rms(audio: FloatAudio) -> FloatAudio:
+    usable = audio[: audio.size // WINDOW * WINDOW].reshape(-1, WINDOW)
+    return np.sqrt(np.mean(usable**2, axis=1))
 
 
 def _speech(text: str, audio: FloatAudio) -> Speech:
@@ -111,6 +132,10 @@ def say(text: str) -> Speech:
 def backchannel(word: str) -> Speech:
     """A backchannel in its own voice."""
     if has_espeak():
+        if word in HUMS:
+            hum = espeak_speech(HUMS[word], "en-gb", 150)
+            user = pcm16_to_float(say(USER_LEVEL_QUESTION).pcm)
+            return _speech(word, np.clip(hum * speech_level(user) / speech_level(hum), -1, 1))
         return _speech(word, espeak_speech(word, "en-gb", 150))
     return _speech(word, piper_speech(word, length_scale=0.85, noise_scale=0.5))
 

@@ -32,7 +32,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
-from bots.barge_in import BargeInGate, own_words
+from bots.barge_in import BargeInGate, own_words, said_any
 from bots.echo import EchoCanceller, EchoReference, wants_echo_cancellation
 from bots.echo_floor import ECHO_FLOOR
 from bots.heard import HEARD_AFTER_S, HeardWords
@@ -52,7 +52,8 @@ from tests.speech import speech_pcm
 pytestmark = pytest.mark.timeout(30)
 
 RATE = 16000
-GATED = TurnSettings(barge_in_min_words=1, vad_start_s=0.0)
+#: The word rules alone (no minimum length), the VAD's start and stop lags as the frames say.
+GATED = TurnSettings(barge_in_min_words=1, barge_in_min_s=0.0, vad_start_s=0.0)
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -286,8 +287,10 @@ def _turn(*texts: str, final: bool = True) -> list[Frame]:
     return [*frames, SleepFrame(0.5 if texts and final else 2.5)]  # (the wait for a final)
 
 
-async def _gate(frames: list[Frame], speaking: bool = True, **kwargs: Any) -> tuple[Any, Any, Any]:
-    gate = BargeInGate(GATED, **kwargs)
+async def _gate(
+    frames: list[Frame], speaking: bool = True, turn: TurnSettings = GATED, **kwargs: Any
+) -> tuple[Any, Any, Any]:
+    gate = BargeInGate(turn, **kwargs)
     start = [BotStartedSpeakingFrame()] if speaking else []
     down, up = await run_test(gate, frames_to_send=[*start, *frames])
     return gate, down, up
@@ -346,6 +349,86 @@ async def test_a_turn_while_the_bot_is_silent_interrupts_at_once():
     kinds = _kinds(down)
     assert kinds[:1] == [VADUserStartedSpeakingFrame] and InterruptionFrame in kinds
     assert TranscriptionFrame in kinds and gate.decisions == []
+
+
+def _spoken_turn(speech_s: float, *texts: str, turn: TurnSettings) -> list[Frame]:
+    """A turn whose speech lasts `speech_s`, as the VAD reports it: its start `vad_start_s` in,
+    its stop `vad_stop_s` after the speech; the transcripts come while it speaks."""
+    frames: list[Frame] = [VADUserStartedSpeakingFrame(), UserStartedSpeakingFrame()]
+    step = (speech_s - turn.vad_start_s) / (len(texts) + 1)
+    for i, text in enumerate(texts):
+        frames.append(SleepFrame(step))
+        if i < len(texts) - 1:
+            frames.append(InterimTranscriptionFrame(text, "user", "now"))
+        else:
+            frames.append(TranscriptionFrame(text, "user", "now", finalized=True))
+    frames += [SleepFrame(step + turn.vad_stop_s), VADUserStoppedSpeakingFrame()]
+    return [*frames, UserStoppedSpeakingFrame(), SleepFrame(0.5)]
+
+
+async def test_a_hum_made_words_is_too_short_to_stop_the_bot_and_a_question_is_not():
+    # What Whisper tiny makes of a 0.4 s "mm-hm", sure of its words; the VAD says 0.6 s from its
+    # start to its stop, which is 0.4 s of speech.
+    turn = TurnSettings()
+    assert turn.barge_in_min_s > 0.4
+    hum = _spoken_turn(0.4, "C'mon", "C'mon, c'mon.", turn=turn)
+    gate, down, _up = await _gate(hum, turn=turn)
+    assert gate.decisions == [(False, 2, 0, 0)]
+    assert not any(isinstance(f, InterruptionFrame) for f in down)
+    # The same words said for longer stop the bot, while the user still speaks.
+    question = _spoken_turn(1.2, "Come on", "Come on, tell me", "Come on, tell me more.", turn=turn)
+    gate, down, _up = await _gate(question, turn=turn)
+    assert [d[0] for d in gate.decisions] == [True]
+    kinds = _kinds(down)
+    assert kinds.index(InterruptionFrame) < kinds.index(VADUserStoppedSpeakingFrame)
+
+
+async def test_a_short_command_stops_the_bot_unless_it_is_the_bots_own_word():
+    turn = TurnSettings()
+    # "Wait." in 0.3 s, a word Whisper is seldom sure of: a command stops the bot all the same.
+    wait = _spoken_turn(0.3, "Wait.", turn=turn)
+    gate, down, _up = await _gate(wait, turn=turn)
+    assert [d[0] for d in gate.decisions] == [True] and InterruptionFrame in _kinds(down)
+    words = [asr_pb2.Word(text="Wait.", start_ms=4900, end_ms=5200, confidence=0.3)]
+    unsure = [
+        *wait[:3],
+        TranscriptionFrame(
+            "Wait.", "user", "now", result=asr_pb2.Transcript(words=words), finalized=True
+        ),
+        *wait[4:],
+    ]
+    gate, down, _up = await _gate(unsure, turn=turn, audio_ms=lambda: 5000)
+    assert gate.decisions == [(True, 0, 0, 0)]
+    # The bot's story said "stop" a moment ago: heard back, it is no command.
+    gate, down, _up = await _gate(
+        _spoken_turn(0.3, "Stop.", turn=turn), turn=turn, recent_bot_words=lambda: {"stop"}
+    )
+    assert gate.decisions == [(False, 0, 0, 1)]
+
+
+async def test_on_a_loudspeaker_only_speech_above_the_floor_makes_a_turn_long():
+    # The residual kept the VAD open around a "yeah" for 1 s; 0.3 s of it stood above the floor.
+    turn = TurnSettings()
+    frames = _spoken_turn(1.0, "Yeah, and then", "And then.", turn=turn)
+    gate, down, _up = await _gate(
+        frames, turn=turn, floor=lambda since: True, floor_s=lambda since: 0.3
+    )
+    assert gate.decisions == [(False, 2, 0, 0)]
+    assert not any(isinstance(f, InterruptionFrame) for f in down)
+    gate, down, _up = await _gate(
+        frames, turn=turn, floor=lambda since: True, floor_s=lambda since: 0.8
+    )
+    assert [d[0] for d in gate.decisions] == [True]
+
+
+def test_commands_are_found_as_whole_phrases_anywhere_in_the_users_words():
+    commands = ("stop", "hold on")
+    assert said_any("Oh, hold on a second.", commands)
+    assert said_any("STOP!", commands)
+    assert not said_any("Hold the door.", commands)  # "hold" alone is no command
+    assert not said_any("The bus stops here.", commands)
+    assert not said_any("hold on", commands, echo={"hold", "on"})  # the bot's words
+    assert said_any("hold on", commands, echo={"hold"})  # only partly the bot's
 
 
 def _timed(final: bool, *words: tuple[str, int, int, float]) -> Frame:
@@ -602,7 +685,7 @@ async def test_the_floor_analyzer_tells_loud_speech_from_a_quiet_residual():
 
     speech = np.frombuffer(speech_pcm("Wait, what about the weather tomorrow?"), np.int16)
 
-    async def passed(gain: float) -> bool:
+    async def passed(gain: float) -> tuple[bool, float]:
         analyzer = FloorVADAnalyzer(params=vad_params(TurnSettings(), floored=False))
         analyzer.set_sample_rate(RATE)
         start = time.monotonic()
@@ -612,10 +695,13 @@ async def test_the_floor_analyzer_tells_loud_speech_from_a_quiet_residual():
             states.add(await analyzer.analyze_audio(pcm[at : at + 640]))
         await analyzer.cleanup()
         assert VADState.SPEAKING in states  # the quick VAD hears both
-        return analyzer.passed_since(start)
+        return analyzer.passed_since(start), analyzer.loud_s_since(start)
 
-    assert await passed(1.0)
-    assert not await passed(0.01)  # -40 dB: what the canceller leaves of a -20 dB echo, say
+    loud, loud_s = await passed(1.0)
+    speech_s = len(speech) / RATE
+    assert loud and 0.5 * speech_s < loud_s <= speech_s  # its voiced part, not its silence
+    # -40 dB: what the canceller leaves of a -20 dB echo, say.
+    assert await passed(0.01) == (False, 0.0)
 
 
 def test_the_echo_floor_judges_barge_ins_only_where_the_bot_cancels_echo():
@@ -635,7 +721,9 @@ def test_the_echo_floor_judges_barge_ins_only_where_the_bot_cancels_echo():
     unfloored = vad_analyzer(TurnSettings(echo_vad_floor=False), cancelling_echo=True)
     assert not isinstance(unfloored, FloorVADAnalyzer) and thresholds(unfloored) == quick
     # Without the barge-in rules nothing judges a barge-in: the floor holds the VAD's start.
-    ungated = vad_analyzer(TurnSettings(barge_in_min_words=0), cancelling_echo=True)
+    ungated = vad_analyzer(
+        TurnSettings(barge_in_min_words=0, barge_in_min_s=0.0), cancelling_echo=True
+    )
     assert not isinstance(ungated, FloorVADAnalyzer) and thresholds(ungated) == ECHO_FLOOR
 
 
