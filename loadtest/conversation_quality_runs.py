@@ -35,6 +35,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from bots.frames import LLMChunkFrame
 from bots.pipeline import BotConfig, build_worker, turns_of
+from bots.tracing import content_on
 from clients.channel import open_channel
 from clients.security import ClientSecurity
 from loadtest.conversation_quality_metrics import (
@@ -267,6 +268,8 @@ async def _context_check(
     heard = await transcribe(asr_target, played, output.sample_rate, plan.security)
     played_words = played_prefix(generated, words(heard))
     stored_words = written_words(stored)
+    if content_on():
+        plan.log(f"  stored: {stored!r}\n  heard:  {heard!r}")
     matches, _ = word_errors(" ".join(stored_words), " ".join(generated[: len(stored_words)]))
     accurate = (
         abs(len(stored_words) - played_words) <= WORD_TOLERANCE and matches <= WORD_TOLERANCE
