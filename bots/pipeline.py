@@ -66,6 +66,9 @@ class BotConfig:
     voice: str = field(default_factory=lambda: os.environ.get("NEMOTRON_BOT_VOICE", ""))
     language: str = "en"
     max_tokens: int = 96
+    # The LLM's sampling seed: a fixed one makes the replies repeatable (tests); None: a fresh
+    # draw for each reply.
+    seed: int | None = None
     # The bot's local tools (the time, spoken timers); off: the model only answers.
     tools: bool = True
     targets: Targets = field(default_factory=Targets)
@@ -101,7 +104,9 @@ def build_services(config: BotConfig) -> Services:
         llm=GrpcChunkedLLMService(
             target=config.targets.llm,
             security=config.security,
-            sampling=llm_pb2.SamplingParams(max_tokens=config.max_tokens, temperature=0.6),
+            sampling=llm_pb2.SamplingParams(
+                max_tokens=config.max_tokens, temperature=0.6, seed=config.seed
+            ),
         ),
         tts=GrpcTTSService(
             target=config.targets.tts,

@@ -99,10 +99,12 @@ def test_the_bots_keep_their_endpointing():
 
     assert (default.turn.vad_stop_s, default.turn.smart_turn) == (0.2, True)
     assert (simple.turn.vad_stop_s, simple.turn.smart_turn) == (0.8, False)
-    # The tuned defaults (README, "Conversation quality"): a word confirms a barge-in, the bot
-    # pauses at the VAD's start meanwhile, and echo is cancelled where the transport needs it.
+    # The tuned defaults (README, "Conversation quality"): a word and 0.6 s of speech (or a
+    # command) confirm a barge-in, the bot pauses at the VAD's start meanwhile, and echo is
+    # cancelled where the transport needs it.
     assert default.turn.barge_in_gated and default.turn.resume_after_false_interruption
     assert (default.turn.barge_in_min_words, default.turn.echo_cancellation) == (1, "auto")
+    assert default.turn.barge_in_min_s == 0.6 and "stop" in default.turn.barge_in_commands
 
 
 class _Speakerphone:
