@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.remove()  # Pipecat logs every frame processor at DEBUG: keep the figures readable
     logger.add(sys.stderr, level=args.log_level)
 
-    check_loopback(*(t for t in (args.asr, args.tts, args.llm) if t))
+    check_loopback(*(t for t in (args.asr, args.tts, args.llm, args.reference_asr) if t))
     # As in a bot process: OTEL_* turns spans on, NEMOTRON_TRACE_CONTENT=1 the bots' words in
     # the log (what the gate heard in each held turn), off by default.
     configure_bot_tracing()

@@ -97,7 +97,10 @@ def speech_bounds(audio: FloatAudio, threshold: float = 0.02) -> tuple[float, fl
 def speech_level(audio: FloatAudio, threshold: float = 0.02) -> float:
     """RMS of the 10 ms windows of `audio` that pass `threshold` (its speech, not its silence)."""
     rms = _window_rms(audio)
-    return float(np.sqrt(np.mean(rms[rms > threshold] ** 2)))
+    loud = rms[rms > threshold]
+    if loud.size == 0:
+        raise ValueError("the synthesized utterance is silent")
+    return float(np.sqrt(np.mean(loud**2)))
 
 
 def _window_rms(audio: FloatAudio) -> FloatAudio:

@@ -191,3 +191,15 @@ async def test_a_short_run_end_to_end_against_the_real_servers(tmp_path):
     assert echo.echo_db == -10.0 and echo.bot_speech_s > 0 and echo.replies >= 1
     per_10 = summary["false_barge_ins"]["-10 dB"]["per_10_min"]
     assert per_10 is not None and not math.isnan(per_10) and per_10 >= 0
+
+
+def test_the_benchmark_refuses_a_reference_asr_off_this_machine():
+    from loadtest.conversation_quality import main
+
+    with pytest.raises(SystemExit, match="loopback only"):
+        main(["--reference-asr", "10.1.2.3:50051", "--scenarios", "echo"])
+
+
+def test_the_level_of_a_silent_utterance_is_a_clear_error():
+    with pytest.raises(ValueError, match="silent"):
+        speech_level(np.zeros(1600, dtype=np.float32))
